@@ -1,0 +1,135 @@
+"""Backend dispatch: which implementation of a cdfast op runs.
+
+Each op (``statistics``, ``gram_solve``, ``dual_conv_loss``, ``project`` …) has a
+plain PyTorch implementation, registered under the backend ``"torch"``: it is the
+fallback on every device and the oracle the tests hold the others to. Kernels
+register further implementations with :func:`register` (``"triton"``, ``"cuda"``
+for the CUDA C++ extension, ``"cpp"`` for its CPU counterparts).
+
+The implementation is chosen in this order (as in Liger-Kernel):
+
+1. the ``backend=`` argument of the call, when it is not ``"auto"``;
+2. the environment variable ``CDFAST_BACKEND``;
+3. capability: on a CUDA tensor ``cuda``, then ``triton``, then ``torch``; on the
+   CPU ``cpp``, then ``torch`` — the first one that is available and implements
+   the op.
+
+When an explicitly requested backend cannot run, cdfast warns once and uses the
+``torch`` path — unless strict mode is on (``strict=True`` or
+``CDFAST_STRICT=1``), in which case it raises :class:`BackendUnavailable`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailable", "register", "register_probe", "resolve", "backends"]
+
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+_CAPABILITY_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_PROBES: dict[str, Callable[[], str | None]] = {"torch": lambda: None}
+_WARNED: set[tuple[str, str]] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested in strict mode and cannot run this op."""
+
+
+def register(op: str, backend: str):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
+    """Set the availability probe of ``backend``: returns ``None`` when usable, else why not."""
+    _PROBES[backend] = probe
+
+
+def _ensure_loaded() -> None:
+    # Importing the backends registers their implementations (and probes).
+    from . import _backends  # noqa: F401
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """``None`` if ``backend`` can run here, else a sentence saying why not."""
+    _ensure_loaded()
+    probe = _PROBES.get(backend)
+    if probe is None:
+        return f"the {backend} backend is not built into this installation"
+    try:
+        return probe()
+    except Exception as exc:  # a probe must never take the library down
+        return f"{type(exc).__name__}: {exc}"
+
+
+def backends() -> dict[str, str]:
+    """Every backend with ``"available"`` or the reason it is not, e.g.::
+
+        >>> cdfast.backends()
+        {'torch': 'available', 'cpp': 'available', 'triton': 'no CUDA device ...', ...}
+    """
+    return {b: (unavailable_reason(b) or "available") for b in BACKENDS}
+
+
+def _strict(strict: bool | None) -> bool:
+    if strict is not None:
+        return strict
+    return os.environ.get("CDFAST_STRICT", "0").lower() in ("1", "true", "yes")
+
+
+def resolve(op: str, device: torch.device | str = "cpu", backend: str | None = None,
+            strict: bool | None = None) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for tensors on ``device``.
+
+    Returns ``(backend_name, function)``.
+    """
+    _ensure_loaded()
+    impls = _IMPLS.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    device = torch.device(device)
+    requested = backend if backend not in (None, "auto") else os.environ.get("CDFAST_BACKEND") or None
+    if requested is not None and requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {requested!r}")
+        why = _why_not(op, requested, device)
+        if why is None:
+            return requested, impls[requested]
+        if _strict(strict):
+            raise BackendUnavailable(f"backend {requested!r} cannot run op {op!r}: {why}")
+        if (op, requested) not in _WARNED:
+            _WARNED.add((op, requested))
+            warnings.warn(f"cdfast: backend {requested!r} cannot run {op!r} ({why}); "
+                          "using the torch path. Set CDFAST_STRICT=1 to make this an error.",
+                          RuntimeWarning, stacklevel=3)
+        return "torch", impls["torch"]
+    for name in _CAPABILITY_ORDER.get(device.type, ("torch",)):
+        if _why_not(op, name, device) is None:
+            return name, impls[name]
+    return "torch", impls["torch"]
+
+
+def _why_not(op: str, backend: str, device: torch.device) -> str | None:
+    if backend not in _IMPLS.get(op, {}):
+        return f"it has no implementation of {op!r}"
+    why = unavailable_reason(backend)
+    if why is not None:
+        return why
+    if backend in ("cuda", "triton") and device.type != "cuda":
+        if not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return f"it runs on CUDA tensors, these are on {device.type}"
+    if backend == "cpp" and device.type != "cpu":
+        return f"it runs on CPU tensors, these are on {device.type}"
+    return None

@@ -1,0 +1,304 @@
+r"""The cross-distillation loss family and its two forms.
+
+Every loss of SPEC §2 is a weighted sum of *terms*; a term compares the teacher
+weight ``A = W^T`` applied to a teacher-side input ``P`` with the student weight
+``W`` applied to a student-side input ``Q``, both linear mixtures of the teacher's
+input ``h^T`` and the student's input ``h^S``:
+
+    P = a·h^T + b·h^S,   Q = c·h^T + d·h^S,   a + b = c + d = 1,
+    L(W) = Σ_i w_i · ‖σ(A∗P_i) − σ(W∗Q_i)‖² / (M·C_out)
+
+=============  ==========================================  ====================
+loss           terms (w; a, b; c, d)                        SPEC name
+=============  ==========================================  ====================
+``nc``         (1; 1, 0; 0, 1)                              Ours-NC
+``correction`` (1; 1, 0; 1, 0)                              student on h^T
+``imitation``  (1; 0, 1; 0, 1)                              teacher on h^S
+``cross``      (μ; 1, 0; 1, 0) + (1−μ; 0, 1; 0, 1)          Ours
+``soft``       (1; α, 1−α; 1−β, β)                          Ours-S
+=============  ==========================================  ====================
+
+**The Gram form (linear objective, σ = identity).** Write ``E = X^S − X^T`` for the
+accumulated estimation error. Because ``a + b = c + d = 1``,
+
+    Q = X^T + d·E,      Q − P = (d − b)·E,
+
+so with ``Δ = W − A`` each term is ``‖Δ·Q + A·(Q − P)‖²`` and the loss is the quadratic
+
+    L(W) = s·[ tr(Δ H Δᵀ) + 2·tr(Δ Fᵀ) + f₀ ],        s = 1/(M·C_out)
+    H  = Σ w_i (G_TT + d_i(G_ET + G_ETᵀ) + d_i² G_EE)
+    F  = A·Kᵀ,   K = Σ w_i (d_i − b_i)(G_ETᵀ + d_i G_EE)
+    f₀ = Σ w_i (d_i − b_i)² tr(A G_EE Aᵀ)
+
+with the statistics ``G_TT = X^T X^Tᵀ``, ``G_EE = E Eᵀ``, ``G_ET = E X^Tᵀ``
+(:class:`~cdfast.statistics.LayerStatistics` holds them and also gives the
+``G_SS``/``G_ST`` of SPEC §2.1). The gradient is ``∇L = 2s·(Δ H + F)``: one
+``C_out × D`` by ``D × D`` product, independent of the sample count. Working in
+``Δ`` and ``E`` rather than ``W`` and ``X^S`` keeps every term at the size of the
+quantity it measures, so float32 statistics do not lose the loss to cancellation.
+
+**Canonical form.** Completing the square gives
+
+    L(W) = s·[ tr((W − W*) H (W − W*)ᵀ) + c ],   W* = A − F H⁻¹,  c = f₀ − tr(F H⁻¹ Fᵀ).
+
+``H`` is singular when the layer sees fewer sampled rows than it has columns
+(``M < D``, the few-shot regime) or when input channels are dead. ``W*`` is then
+computed with ``H_δ = H + δ·mean(diag H)·I`` (``δ = damping``, default 1e-6), which
+picks the minimiser closest to the teacher along directions the data cannot see;
+the loss and gradient that the solvers use never involve ``H⁻¹`` and stay exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import LayerGeometry
+
+__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES"]
+
+LOSSES = ("nc", "correction", "imitation", "cross", "soft")
+OBJECTIVES = ("linear", "activation")
+
+
+def _check_unit(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Term:
+    """One ``w·‖A∗(a·h^T + b·h^S) − W∗(c·h^T + d·h^S)‖²`` term."""
+
+    weight: float
+    a: float
+    b: float
+    c: float
+    d: float
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """σ of the ``activation`` objective: ``ReLU(scale·y + shift)`` per output channel.
+
+    ``scale``/``shift`` fold a BatchNorm that follows the layer; ``None`` means
+    a plain ReLU.
+    """
+
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    @classmethod
+    def from_batchnorm(cls, bn: torch.nn.Module) -> "ActivationSpec":
+        """Fold an eval-mode ``BatchNorm1d/2d`` into ``scale·y + shift``."""
+        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"bn: expected a BatchNorm module, got {type(bn).__name__}")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("bn: the BatchNorm must track running statistics to be folded")
+        inv = torch.rsqrt(bn.running_var.detach() + bn.eps)
+        scale = inv * (bn.weight.detach() if bn.weight is not None else 1.0)
+        shift = (bn.bias.detach() if bn.bias is not None else 0.0) - bn.running_mean.detach() * scale
+        return cls(scale.detach().clone(), shift.detach().clone())
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            view = (1, -1) + (1,) * (y.dim() - 2)
+            y = y * self.scale.to(y).view(view) + self.shift.to(y).view(view)
+        return torch.relu(y)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss of the family, with its mixing parameters and objective point.
+
+    Args:
+        name: one of ``nc``, ``correction``, ``imitation``, ``cross``, ``soft``.
+        mu: μ of ``cross`` (weight of the correction term).
+        alpha, beta: α, β of ``soft``.
+        objective: ``"linear"`` (raw layer outputs, the authors' code, default) or
+            ``"activation"`` (σ applied to both sides, the paper's formula).
+        activation: σ for the activation objective; a plain ReLU by default.
+    """
+
+    name: str = "cross"
+    mu: float = 0.6
+    alpha: float = 0.5
+    beta: float = 0.5
+    objective: str = "linear"
+    activation: ActivationSpec | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or self.name not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {self.name!r}")
+        if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        object.__setattr__(self, "mu", _check_unit("mu", self.mu))
+        object.__setattr__(self, "alpha", _check_unit("alpha", self.alpha))
+        object.__setattr__(self, "beta", _check_unit("beta", self.beta))
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        if self.name == "nc":
+            return (Term(1.0, 1.0, 0.0, 0.0, 1.0),)
+        if self.name == "correction":
+            return (Term(1.0, 1.0, 0.0, 1.0, 0.0),)
+        if self.name == "imitation":
+            return (Term(1.0, 0.0, 1.0, 0.0, 1.0),)
+        if self.name == "cross":
+            terms = []
+            if self.mu > 0:
+                terms.append(Term(self.mu, 1.0, 0.0, 1.0, 0.0))
+            if self.mu < 1:
+                terms.append(Term(1.0 - self.mu, 0.0, 1.0, 0.0, 1.0))
+            return tuple(terms)
+        a, b = self.alpha, 1.0 - self.alpha
+        return (Term(1.0, a, b, 1.0 - self.beta, self.beta),)
+
+    # ------------------------------------------------------------ data form
+    def data_loss(self, geometry: LayerGeometry, weight: torch.Tensor, bias: torch.Tensor | None,
+                  teacher_outputs: list[torch.Tensor], h_teacher: torch.Tensor,
+                  h_student: torch.Tensor) -> torch.Tensor:
+        """Loss of the data form (SPEC §2.2), differentiable in ``weight``/``bias``.
+
+        ``teacher_outputs`` come from :meth:`teacher_outputs` (computed once per
+        solve). The student's inputs of all terms are stacked along the batch
+        dimension so its paths run as one convolution.
+        """
+        terms = self.terms
+        n = h_teacher.shape[0]
+        q = torch.cat([_mix(h_teacher, h_student, t.c, t.d) for t in terms])
+        y = geometry.apply(q, weight, bias)
+        if self.objective == "activation":
+            y = (self.activation or ActivationSpec())(y)
+        total = y.new_zeros(())
+        for i, (t, target) in enumerate(zip(terms, teacher_outputs)):
+            total = total + t.weight * (y[i * n:(i + 1) * n] - target).pow(2).sum()
+        return total / target.numel()
+
+    def teacher_outputs(self, geometry: LayerGeometry, teacher_weight: torch.Tensor,
+                        teacher_bias: torch.Tensor | None, h_teacher: torch.Tensor,
+                        h_student: torch.Tensor) -> list[torch.Tensor]:
+        """``σ(A∗P_i + b)`` for every term; constant during a solve."""
+        outs = []
+        for t in self.terms:
+            y = geometry.apply(_mix(h_teacher, h_student, t.a, t.b), teacher_weight, teacher_bias)
+            if self.objective == "activation":
+                y = (self.activation or ActivationSpec())(y)
+            outs.append(y.detach())
+        return outs
+
+
+def _mix(h_t: torch.Tensor, h_s: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    if b == 0.0 and a == 1.0:
+        return h_t
+    if a == 0.0 and b == 1.0:
+        return h_s
+    return a * h_t + b * h_s
+
+
+@dataclass
+class Quadratic:
+    r"""The canonical quadratic of one layer: ``L(W) = s·[tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀]``.
+
+    Shapes: ``H`` is ``(G, D, D)``, ``anchor`` (the teacher weight ``A``) and ``F`` are
+    ``(G, C_out/G, D)``; ``f0`` is a scalar and ``scale = s = 1/(M·C_out)``.
+    """
+
+    H: torch.Tensor
+    F: torch.Tensor
+    anchor: torch.Tensor
+    f0: torch.Tensor
+    scale: float
+    damping: float = 1e-6
+
+    @classmethod
+    def from_statistics(cls, stats, spec: LossSpec, teacher_matrix: torch.Tensor,
+                        dtype: torch.dtype | None = None, damping: float = 1e-6) -> "Quadratic":
+        """Build the quadratic of ``spec`` from a filled :class:`LayerStatistics`."""
+        if spec.objective != "linear":
+            raise ValueError("objective: the Gram form exists only for objective='linear'; "
+                             "use form='data' for the activation objective")
+        dtype = dtype or stats.dtype
+        g_tt, g_ee, g_et = (g.to(dtype) for g in (stats.G_TT, stats.G_EE, stats.G_ET))
+        g_te = g_et.transpose(1, 2)
+        a = teacher_matrix.to(dtype)
+        H = torch.zeros_like(g_tt)
+        K = torch.zeros_like(g_tt)
+        e_coef = 0.0
+        for t in spec.terms:
+            H += t.weight * g_tt
+            if t.d:
+                H += (t.weight * t.d) * (g_et + g_te) + (t.weight * t.d * t.d) * g_ee
+            db = t.d - t.b
+            if db:
+                K += (t.weight * db) * g_te
+                if t.d:
+                    K += (t.weight * db * t.d) * g_ee
+                e_coef += t.weight * db * db
+        Fm = torch.bmm(a, K.transpose(1, 2))
+        f0 = e_coef * (torch.bmm(a, g_ee) * a).sum() if e_coef else a.new_zeros(())
+        scale = 1.0 / (stats.rows * teacher_matrix.shape[0] * teacher_matrix.shape[1])
+        return cls(H, Fm, a, f0, scale, damping)
+
+    def restrict(self, cols: torch.Tensor) -> "Quadratic":
+        """The quadratic over the columns ``cols`` with every other weight fixed at zero.
+
+        With ``Δ_out = −A_out`` fixed, ``F' = F_in − A_out·H_out,in`` and
+        ``f₀' = f₀ + tr(A_out H_out,out A_outᵀ) − 2·tr(A_out F_outᵀ)``.
+        """
+        D = self.H.shape[-1]
+        out = torch.ones(D, dtype=torch.bool, device=self.H.device)
+        out[cols] = False
+        a_out = self.anchor[..., out]
+        H_in = self.H[:, cols][:, :, cols]
+        H_oi = self.H[:, out][:, :, cols]
+        H_oo = self.H[:, out][:, :, out]
+        F_in = self.F[..., cols] - torch.bmm(a_out, H_oi)
+        f0 = self.f0 + (torch.bmm(a_out, H_oo) * a_out).sum() - 2 * (a_out * self.F[..., out]).sum()
+        return Quadratic(H_in.contiguous(), F_in.contiguous(), self.anchor[..., cols].contiguous(), f0,
+                         self.scale, self.damping)
+
+    # -------------------------------------------------------------- values
+    def residual_grad(self, W: torch.Tensor) -> torch.Tensor:
+        """``ΔH + F`` (the gradient is ``2s`` times this)."""
+        return torch.baddbmm(self.F, W - self.anchor, self.H)
+
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        delta = W - self.anchor
+        g = torch.baddbmm(self.F, delta, self.H)
+        return self.scale * ((delta * (g + self.F)).sum() + self.f0)
+
+    def grad(self, W: torch.Tensor) -> torch.Tensor:
+        return (2.0 * self.scale) * self.residual_grad(W)
+
+    @property
+    def R(self) -> torch.Tensor:
+        """``R = A·H − F``: the gradient is ``2s·(W·H − R)``."""
+        return torch.bmm(self.anchor, self.H) - self.F
+
+    def damped_H(self, H: torch.Tensor | None = None) -> torch.Tensor:
+        H = self.H if H is None else H
+        d = torch.diagonal(H, dim1=-2, dim2=-1)
+        lam = self.damping * d.mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        return H + lam[..., None, None] * eye
+
+    def minimizer(self) -> torch.Tensor:
+        """``W* = A − F H_δ⁻¹`` (unconstrained optimum; see the module docstring)."""
+        L = torch.linalg.cholesky(self.damped_H())
+        # Solve X H = F  ⇔  H Xᵀ = Fᵀ
+        X = torch.cholesky_solve(self.F.transpose(1, 2), L).transpose(1, 2)
+        return self.anchor - X
+
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W*, c)`` with ``L(W) = s·[tr((W−W*)H(W−W*)ᵀ) + c]`` (exact for non-singular H)."""
+        w_star = self.minimizer()
+        delta = w_star - self.anchor
+        c = self.f0 - (torch.bmm(delta, self.H) * delta).sum()
+        return w_star, c
