@@ -216,8 +216,13 @@ class ConstraintPlan:
     """
 
     def __init__(self, compression, geometry: LayerGeometry, steps: int, cols: int,
-                 device, dtype):
+                 device, dtype, backend: str | None = "auto", strict: bool | None = None):
+        from .dispatch import resolve
+
         self.items = normalize(compression)
+        # The projection operators, resolved once (torch, or the C++/CUDA kernels).
+        self.ops = {name: resolve(name, device, backend, strict)[1]
+                    for name in ("soft_threshold", "group_shrink", "topk_mask", "quantize")}
         self.geometry = geometry
         self.steps = steps
         self.cols = cols
@@ -281,7 +286,7 @@ class ConstraintPlan:
 
     def _project(self, W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         c = self.geometry.cols
-        _, vals = quantize(W[..., :c], scale, self.quant.bits)
+        _, vals = self.ops["quantize"](W[..., :c], scale, self.quant.bits)
         if W.shape[-1] > c:
             vals = torch.cat([vals, W[..., c:]], dim=-1)
         return vals
@@ -293,7 +298,7 @@ class ConstraintPlan:
         return self._project(W, self.scale) * self.mask
 
     def codes(self, W: torch.Tensor) -> torch.Tensor:
-        return quantize(W[..., :self.geometry.cols], self.scale, self.quant.bits)[0]
+        return self.ops["quantize"](W[..., :self.geometry.cols], self.scale, self.quant.bits)[0]
 
     # -- schedules
     def lr_factor(self, step: int) -> float:
@@ -314,7 +319,7 @@ class ConstraintPlan:
             k = int((g.group_in - self.target_channels) * frac) + self.target_channels
             if k < self._channels_prev:
                 norms = channel_norms(W, g)
-                keep = torch.stack([topk_mask(norms[i], k) for i in range(g.groups)])
+                keep = torch.stack([self.ops["topk_mask"](norms[i], k) for i in range(g.groups)])
                 self.mask &= expand_channels(keep, g, self.cols).expand_as(self.mask)
                 self._channels_prev = k
                 changed = True
@@ -323,7 +328,7 @@ class ConstraintPlan:
             ratio = self.weight.density + (1 - self.weight.density) * frac
             k = int(self.numel * ratio + 1e-9)
             scores = W[..., :g.cols].abs()
-            keep = topk_mask(scores, k)
+            keep = self.ops["topk_mask"](scores, k)
             new = self.mask.clone()
             new[..., :g.cols] &= keep
             changed = not torch.equal(new, self.mask)
@@ -338,9 +343,9 @@ class ConstraintPlan:
             if t == 0:
                 continue
             if isinstance(p, L1):
-                W[..., :g.cols] = soft_threshold(W[..., :g.cols], t)
+                W[..., :g.cols] = self.ops["soft_threshold"](W[..., :g.cols], t)
             else:
-                W.copy_(group_shrink(W, g, t))
+                W.copy_(self.ops["group_shrink"](W, g, t))
         if changed:
             W.mul_(self.mask)
         return changed

@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailable", "register", "register_probe", "resolve", "backends"]
+__all__ = ["BACKENDS", "BackendUnavailable", "Unsupported", "register", "register_probe", "resolve",
+           "call", "backends"]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _CAPABILITY_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -38,6 +39,11 @@ _WARNED: set[tuple[str, str]] = set()
 
 class BackendUnavailable(RuntimeError):
     """A backend was requested in strict mode and cannot run this op."""
+
+
+class Unsupported(NotImplementedError):
+    """Raised by a backend implementation for arguments it does not handle (a
+    constraint combination, a dtype …); :func:`call` then falls back to torch."""
 
 
 def register(op: str, backend: str):
@@ -133,3 +139,21 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "cpp" and device.type != "cpu":
         return f"it runs on CPU tensors, these are on {device.type}"
     return None
+
+
+def call(op: str, device, backend: str | None, strict: bool | None, *args, **kwargs):
+    """Resolve ``op`` and run it; returns ``(backend_name, result)``.
+
+    An implementation that raises :class:`Unsupported` for these arguments is
+    replaced by the torch path (or, in strict mode, the error propagates as
+    :class:`BackendUnavailable`).
+    """
+    name, fn = resolve(op, device, backend, strict)
+    if name == "torch":
+        return name, fn(*args, **kwargs)
+    try:
+        return name, fn(*args, **kwargs)
+    except Unsupported as exc:
+        if _strict(strict):
+            raise BackendUnavailable(f"backend {name!r} does not support these arguments of {op!r}: {exc}") from exc
+        return "torch", _IMPLS[op]["torch"](*args, **kwargs)

@@ -206,7 +206,7 @@ def distill_layer(teacher_layer: nn.Module,
                                     A_bias.to(work_dtype) if (fit_bias and A_bias is not None) else None)
     if fit_bias and A_bias is None:
         anchor = torch.cat([anchor, torch.zeros_like(anchor[..., :1])], dim=-1)
-    plan = ConstraintPlan(compression, geometry, steps, anchor.shape[-1], device, work_dtype)
+    plan = ConstraintPlan(compression, geometry, steps, anchor.shape[-1], device, work_dtype, backend, strict)
 
     if form == "gram":
         if statistics is None:
@@ -218,8 +218,7 @@ def distill_layer(teacher_layer: nn.Module,
             W, history = exact_solve(quad, plan)
             backend_used = "torch"
         else:
-            backend_used, fn = dispatch.resolve("gram_solve", device, backend, strict)
-            W, history = fn(quad, plan, cfg)
+            backend_used, (W, history) = dispatch.call("gram_solve", device, backend, strict, quad, plan, cfg)
         W_final, codes, scale = _finalize(W, plan, quad)
         loss_after = float(quad.loss(W_final))
         loss_before = float(quad.loss(_naive(anchor, plan)))

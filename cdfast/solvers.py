@@ -172,7 +172,7 @@ def gram_iterative(quad: Quadratic, plan: ConstraintPlan, cfg: SolverConfig):
             plan.after_step(W, i, cfg.lr * plan.lr_factor(i))
         if plan.quant is not None and (i + 1) % refit_every == 0:
             wc = plan.geometry.cols if cols is None else _weight_cols(plan, cols)
-            codes = quantize(W[..., :wc], plan.scale, plan.quant.bits)[0]
+            codes = plan.ops["quantize"](W[..., :wc], plan.scale, plan.quant.bits)[0]
             plan.scale = refit_scale(codes, quad, plan.quant.levels, plan.quant.per_channel, plan.scale, wc)
     if plan.quant is not None:
         W, cols, plan.scale = best_W, best_cols, best_scale
@@ -192,7 +192,7 @@ def _effective(plan: ConstraintPlan, W: torch.Tensor, cols, mask) -> torch.Tenso
     if cols is None:
         return plan.effective(W)
     wc = _weight_cols(plan, cols)
-    _, vals = quantize(W[..., :wc], plan.scale, plan.quant.bits)
+    _, vals = plan.ops["quantize"](W[..., :wc], plan.scale, plan.quant.bits)
     return torch.cat([vals, W[..., wc:]], dim=-1) if wc < W.shape[-1] else vals
 
 

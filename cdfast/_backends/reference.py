@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import register
+from .. import constraints
 from ..geometry import LayerGeometry
 
 # Unfold at most this many elements at once, so a large calibration batch
@@ -43,3 +44,10 @@ def gram_solve(quad, plan, cfg):
     from ..solvers import gram_iterative
 
     return gram_iterative(quad, plan, cfg)
+
+
+# The projection operators: the pure functions of cdfast.constraints are the oracle.
+register("soft_threshold", "torch")(constraints.soft_threshold)
+register("group_shrink", "torch")(constraints.group_shrink)
+register("topk_mask", "torch")(constraints.topk_mask)
+register("quantize", "torch")(constraints.quantize)
