@@ -20,6 +20,8 @@ def check_tensor(name: str, t, finite: bool = True) -> torch.Tensor:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor (float16/bfloat16/float32/float64), "
                         f"got {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data (on cpu or cuda), got a meta tensor")
     if t.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(t.shape)}")
     if finite and not bool(torch.isfinite(t).all()):

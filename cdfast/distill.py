@@ -196,10 +196,10 @@ def distill_layer(teacher_layer: nn.Module,
     else:
         pairs = _collect_batches(h_teacher, h_student, batches)
         for h_t, h_s in pairs:
-            check_pair(geometry, h_t, h_s)
-            if h_t.device != A_weight.device:
+            if isinstance(h_t, torch.Tensor) and h_t.device != A_weight.device:
                 raise ValueError(f"h_teacher: expected the teacher layer's device {A_weight.device}, "
                                  f"got {h_t.device}")
+            check_pair(geometry, h_t, h_s)
     device = A_weight.device
     work_dtype = torch.float64 if stats_dtype == torch.float64 else torch.float32
     anchor = geometry.weight_matrix(A_weight.to(work_dtype),

@@ -284,7 +284,9 @@ def _support(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
         hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(quad.damped_H())),
                                    dim1=-2, dim2=-1)
         W = quad.minimizer()
-        rounds = 3 if plan.weight is not None else 1
+        # Gradual: the density falls geometrically over the rounds, each re-solved exactly.
+        # N:M drops one weight per group of m in each round.
+        rounds = (16 if quad.H.shape[-1] <= 1200 else 4) if plan.weight is not None else plan.nm.m - plan.nm.n
         for r in range(1, rounds + 1):
             saliency = W.pow(2) / hinv_diag[:, None, :]
             saliency = torch.where(support, saliency, torch.full_like(saliency, -1.0))
@@ -295,7 +297,7 @@ def _support(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
                 new = support.clone()
                 new[..., :geo.cols] = _topk_bool(scores, k)
             else:
-                new = nm_mask(saliency, geo, plan.nm.n, plan.nm.m)
+                new = nm_mask(saliency, geo, plan.nm.m - r, plan.nm.m) & support
             support = new
             W = solve_on_support(quad, support)
     return support
