@@ -26,3 +26,7 @@ __all__ = [
     "ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize",
     "LossSpec", "ActivationSpec", "backends", "BackendUnavailable",
 ]
+
+from .compress import CompressionReport, compress  # noqa: E402
+
+__all__ += ["compress", "CompressionReport"]

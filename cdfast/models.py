@@ -83,6 +83,21 @@ def _init_weights(model: nn.Module) -> None:
 # ------------------------------------------------------------------------ VGG
 
 
+class Head(nn.Module):
+    """Global average pool, flatten and the linear classifier, as one block.
+
+    Holds references to the model's own ``pool`` and ``classifier`` (it is built on
+    demand by ``cdfast_sequence`` and is not registered on the model).
+    """
+
+    def __init__(self, pool: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.pool, self.classifier = pool, classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
 class VGG(nn.Module):
     """Conv3×3-BN-ReLU blocks with max-pools, global average pool and a linear head.
 
@@ -118,6 +133,10 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def cdfast_sequence(self) -> list[nn.Module]:
+        """The blocks whose composition is ``forward`` (for cdfast's linear-cost walk)."""
+        return [*self.features, Head(self.pool, self.classifier)]
 
 
 def vgg(depth_cfg: str = "vgg_small", in_channels: int = 1, num_classes: int = 10,
@@ -217,6 +236,10 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
         return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def cdfast_sequence(self) -> list[nn.Module]:
+        """The blocks whose composition is ``forward`` (for cdfast's linear-cost walk)."""
+        return [self.stem, *self.blocks, Head(self.pool, self.classifier)]
 
 
 def resnet(depth: int = 20, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> ResNet:

@@ -1,0 +1,94 @@
+"""The model walk: which layers run in which order, and where each one's inputs come from.
+
+cdfast never traces a graph. It runs the model once with forward hooks to learn the
+execution order of its ``Conv2d``/``Linear`` layers (and of the ``BatchNorm`` layers
+that follow them), and captures a layer's input with a hook that stops the forward
+pass as soon as the input is seen.
+
+For networks that are a *sequence of blocks* (``nn.Sequential``, or any module with a
+``cdfast_sequence()`` method returning the blocks whose composition is its forward:
+VGG, ResNet stages, transformer layers), the walk keeps both models' activations at
+the current block boundary, so each layer costs one pass through its own block and
+the total forward work grows linearly with depth. Other models are re-run from the
+input for every layer (quadratic in depth, but it works on anything).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["execution_order", "as_sequence", "capture_input", "StopForward"]
+
+COMPRESSIBLE = (nn.Conv2d, nn.Linear)
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str]]:
+    """Names of the compressible layers, and of all leaf modules, in the order they run."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    leaves: list[str] = []
+    handles = []
+
+    def hook(module, inputs, output):
+        name = names[module]
+        leaves.append(name)
+        if isinstance(module, COMPRESSIBLE) and name not in order:
+            order.append(name)
+
+    for m in model.modules():
+        if not list(m.children()):
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, leaves
+
+
+def as_sequence(model: nn.Module) -> list[nn.Module] | None:
+    """The model as a list of blocks whose composition is its forward, or None."""
+    if hasattr(model, "cdfast_sequence"):
+        return list(model.cdfast_sequence())
+    if isinstance(model, nn.Sequential):
+        out: list[nn.Module] = []
+        for child in model:
+            sub = as_sequence(child) if isinstance(child, nn.Sequential) else None
+            out.extend(sub if sub is not None else [child])
+        return out
+    return None
+
+
+def capture_input(run: Callable[[], object], layer: nn.Module) -> torch.Tensor:
+    """Run ``run()`` until ``layer`` is called; return the layer's input (detached)."""
+    box: list[torch.Tensor] = []
+
+    def hook(module, inputs):
+        box.append(inputs[0].detach())
+        raise StopForward
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            run()
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"layer {layer} was not called by the forward pass")
+    return box[0]
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        for b in blocks:
+            x = b(x)
+    return x
