@@ -1,0 +1,138 @@
+"""The ``cdfast`` command line (also ``python -m cdfast``).
+
+    cdfast train resnet20 --epochs 3            train (or load the cached) teacher
+    cdfast compress resnet20 --k 5 --keep 0.5   compress it from 5 samples per class
+    cdfast experiment --models resnet20 --tasks channel --ks 1 5 --seeds 0 1 2
+    cdfast demo                                 the README's short demonstration
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _compression(args):
+    from . import constraints as c
+
+    items = []
+    if args.keep is not None:
+        items.append(c.ChannelPrune(args.keep))
+    if args.density is not None:
+        items.append(c.WeightPrune(args.density))
+    if args.bits is not None:
+        items.append(c.Quantize(args.bits))
+    return items or None
+
+
+def cmd_train(args) -> int:
+    from .data import load_fashion_mnist
+    from .train import evaluate, train_teacher
+
+    model = train_teacher(args.model, epochs=args.epochs, seed=args.seed)
+    print(f"{args.model}: {evaluate(model.eval(), load_fashion_mnist('test')):.2f}% test accuracy")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from .compress import compress
+    from .data import few_shot, load_fashion_mnist
+    from .models import count_parameters
+    from .train import evaluate, train_teacher
+
+    teacher = train_teacher(args.model, epochs=args.epochs).eval()
+    x, _ = few_shot(load_fashion_mnist("train"), args.k, seed=args.seed).tensors
+    policy = args.policy or ("resnet" if args.model.startswith("resnet") else "skip_first")
+    small, report = compress(teacher, x, compression=_compression(args), loss=args.loss, mu=args.mu,
+                             solver=args.solver, steps=args.steps, policy=policy, checkpoint=args.checkpoint)
+    test = load_fashion_mnist("test")
+    print(f"\nwalk: {report.walk}; {report.samples} samples; {report.seconds:.1f} s")
+    print(f"params {report.params_before:,} -> {report.params_after:,}; "
+          f"FLOPs {report.flops_before:,} -> {report.flops_after:,}")
+    print(f"accuracy: teacher {evaluate(teacher, test):.2f}%, compressed {evaluate(small.eval(), test):.2f}%")
+    if args.report:
+        report.to_json(args.report)
+    if args.output:
+        torch.save(small, args.output)
+        print(f"compressed model saved to {args.output}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from .experiment import markdown, run_experiment, write_outputs
+
+    rows = run_experiment(models=args.models, tasks=args.tasks, ks=args.ks, seeds=args.seeds,
+                          solver=args.solver, steps=args.steps, epochs=args.epochs, test_limit=args.test_limit)
+    paths = write_outputs(rows, args.out)
+    print(markdown(rows))
+    print(json.dumps(paths, indent=1))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import main
+
+    return main(k=args.k, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdfast", description="Few-shot network compression by cross distillation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or load the cached) Fashion-MNIST teacher")
+    t.add_argument("model", help="resnet20, resnet56, vgg_small, vgg16, small_cnn")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compress", help="compress a cached teacher from K samples per class")
+    c.add_argument("model")
+    c.add_argument("--k", type=int, default=5, help="samples per class")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--epochs", type=int, default=3, help="teacher training epochs (cached)")
+    c.add_argument("--keep", type=float, help="channel pruning: fraction of input channels kept")
+    c.add_argument("--density", type=float, help="unstructured pruning: fraction of weights kept")
+    c.add_argument("--bits", type=int, help="weight quantization bits (2..8)")
+    c.add_argument("--loss", default="cross", choices=["nc", "correction", "imitation", "cross", "soft"])
+    c.add_argument("--mu", type=float, default=0.9)
+    c.add_argument("--solver", default="adam", choices=["adam", "sgd", "exact"])
+    c.add_argument("--steps", type=int, default=3000)
+    c.add_argument("--policy", choices=["all", "skip_first", "resnet"])
+    c.add_argument("--checkpoint", help="resume file, written after every layer")
+    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--output", help="save the compressed model (torch.save) here")
+    c.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("experiment", help="the paper's tables on Fashion-MNIST")
+    e.add_argument("--models", nargs="+", default=["resnet20"])
+    e.add_argument("--tasks", nargs="+", default=["channel"], choices=["channel", "weight", "w4", "w2"])
+    e.add_argument("--ks", nargs="+", type=int, default=[1, 2, 5, 10])
+    e.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    e.add_argument("--solver", default="exact", choices=["adam", "sgd", "exact"])
+    e.add_argument("--steps", type=int, default=3000)
+    e.add_argument("--epochs", type=int, default=3)
+    e.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
+    e.add_argument("--out", default="docs/results")
+    e.set_defaults(func=cmd_experiment)
+
+    d = sub.add_parser("demo", help="short whole-model demonstration (a few minutes on 2 cores)")
+    d.add_argument("--k", type=int, default=5)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"cdfast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
