@@ -223,16 +223,16 @@ def distill_layer(teacher_layer: nn.Module,
         loss_after = float(quad.loss(W_final))
         loss_before = float(quad.loss(_naive(anchor, plan)))
     else:
-        backend_used = "torch"
+        from .ops import data_loss
+
+        used: list[str] = []  # backends that ran the data_loss_grad op
         data = [(h_t.to(work_dtype), h_s.to(work_dtype)) for h_t, h_s in pairs]
         bias_const = None if fit_bias else (A_bias.to(work_dtype) if A_bias is not None else None)
-        targets = [spec.teacher_outputs(geometry, A_weight.to(work_dtype),
-                                        A_bias.to(work_dtype) if A_bias is not None else None, h_t, h_s)
-                   for h_t, h_s in data]
+        targets = [dispatch.call("data_targets", device, backend, strict, anchor, h_t, h_s, geometry, spec,
+                                 bias_const)[1] for h_t, h_s in data]
 
         def loss_fn(Wm: torch.Tensor, b: int) -> torch.Tensor:
-            w, bias = geometry.weight_tensor(Wm)
-            return spec.data_loss(geometry, w, bias if fit_bias else bias_const, targets[b], *data[b])
+            return data_loss(Wm, *data[b], targets[b], geometry, spec, bias_const, backend, strict, used)
 
         def mean_loss(Wm: torch.Tensor) -> float:
             with torch.no_grad():
@@ -243,6 +243,7 @@ def distill_layer(teacher_layer: nn.Module,
         W_final, codes, scale = _finalize(W, plan, None)
         loss_after = mean_loss(W_final)
         loss_before = mean_loss(_naive(anchor, plan))
+        backend_used = used[0] if used else "torch"
 
     weight, bias = geometry.weight_tensor(W_final)
     if bias is None:

@@ -106,9 +106,11 @@ class ActivationSpec:
         shift = (bn.bias.detach() if bn.bias is not None else 0.0) - bn.running_mean.detach() * scale
         return cls(scale.detach().clone(), shift.detach().clone())
 
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, y: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+        """σ(y) with the output channels on ``channel_dim`` (1 for Conv2d, −1 for Linear)."""
         if self.scale is not None:
-            view = (1, -1) + (1,) * (y.dim() - 2)
+            view = [1] * y.dim()
+            view[channel_dim] = -1
             y = y * self.scale.to(y).view(view) + self.shift.to(y).view(view)
         return torch.relu(y)
 
@@ -175,7 +177,7 @@ class LossSpec:
         q = torch.cat([_mix(h_teacher, h_student, t.c, t.d) for t in terms])
         y = geometry.apply(q, weight, bias)
         if self.objective == "activation":
-            y = (self.activation or ActivationSpec())(y)
+            y = (self.activation or ActivationSpec())(y, 1 if geometry.kind == "conv2d" else -1)
         total = y.new_zeros(())
         for i, (t, target) in enumerate(zip(terms, teacher_outputs)):
             total = total + t.weight * (y[i * n:(i + 1) * n] - target).pow(2).sum()
@@ -189,7 +191,7 @@ class LossSpec:
         for t in self.terms:
             y = geometry.apply(_mix(h_teacher, h_student, t.a, t.b), teacher_weight, teacher_bias)
             if self.objective == "activation":
-                y = (self.activation or ActivationSpec())(y)
+                y = (self.activation or ActivationSpec())(y, 1 if geometry.kind == "conv2d" else -1)
             outs.append(y.detach())
         return outs
 

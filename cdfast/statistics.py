@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .dispatch import resolve
+from .dispatch import call
 from .geometry import LayerGeometry
 from ._validation import check_pair
 
@@ -78,9 +78,9 @@ class LayerStatistics:
         check_pair(self.geometry, h_teacher, h_student)
         if self._grams is None:
             self._grams = self._zeros(self.device or h_teacher.device)
-        name, fn = resolve("statistics", h_teacher.device, self.backend)
-        self.backend_used = name
-        part = fn(h_teacher, h_student, self.geometry, self.fit_bias, self.dtype, ERROR_BASIS)
+        # call() falls back to torch where a kernel does not take these arguments (float64).
+        self.backend_used, part = call("statistics", h_teacher.device, self.backend, None, h_teacher,
+                                       h_student, self.geometry, self.fit_bias, self.dtype, ERROR_BASIS)
         self._grams += part.to(self._grams.device)
         self.rows += self.geometry.rows(h_teacher)
         self.samples += h_teacher.shape[0]

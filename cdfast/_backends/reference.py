@@ -51,3 +51,36 @@ register("soft_threshold", "torch")(constraints.soft_threshold)
 register("group_shrink", "torch")(constraints.group_shrink)
 register("topk_mask", "torch")(constraints.topk_mask)
 register("quantize", "torch")(constraints.quantize)
+
+
+@register("data_loss_grad", "torch")
+def data_loss_grad(W: torch.Tensor, h_teacher: torch.Tensor, h_student: torch.Tensor,
+                   targets: torch.Tensor, geometry: LayerGeometry, spec, bias: torch.Tensor | None = None,
+                   need_grad: bool = True):
+    """Data-form loss (SPEC §2.2) at the matrix-view weight ``W`` and its gradient.
+
+    ``W`` is ``(G, C_out/G, D[+1])`` (a last column is the fitted bias); ``bias`` is the
+    constant bias used when ``W`` has none; ``targets`` stacks the teacher outputs
+    ``σ(A∗P_t + b)`` of the ``T`` terms, ``(T, *output_shape)``. Returns
+    ``(loss, dL/dW or None)``: :meth:`LossSpec.data_loss` differentiated by autograd.
+    """
+    with torch.enable_grad():
+        Wg = W.detach().requires_grad_(need_grad)
+        w, b = geometry.weight_tensor(Wg)
+        loss = spec.data_loss(geometry, w, b if b is not None else bias, list(targets.unbind(0)),
+                              h_teacher, h_student)
+        grad = torch.autograd.grad(loss, Wg)[0] if need_grad else None
+    return loss.detach(), grad
+
+
+@register("data_targets", "torch")
+def data_targets(A: torch.Tensor, h_teacher: torch.Tensor, h_student: torch.Tensor,
+                 geometry: LayerGeometry, spec, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher outputs ``σ(A∗P_t + b)`` of the data form's terms, stacked ``(T, *output_shape)``.
+
+    ``A`` is the teacher's matrix-view weight (a last column is its bias), ``bias`` the
+    bias when ``A`` has none; constant during a solve (:meth:`LossSpec.teacher_outputs`).
+    """
+    w, b = geometry.weight_tensor(A)
+    return torch.stack(spec.teacher_outputs(geometry, w, b if b is not None else bias,
+                                            h_teacher, h_student))

@@ -1,0 +1,607 @@
+r"""The Triton backend: host-side launchers of the kernels in :mod:`cdfast.kernels`.
+
+Ops registered under ``"triton"`` (:mod:`cdfast.dispatch`):
+
+``statistics``       one-pass dual-path Grams with implicit im2col (float32 only)
+``data_targets``     data-form teacher outputs (the forward kernel, once per solve)
+``data_loss_grad``   data-form loss and its weight gradient (two implicit GEMMs)
+``gram_solve``       the Adam/SGD Gram-form solver, one fused GEMM step per iteration
+``soft_threshold``, ``group_shrink``, ``quantize``   the projection operators
+``topk_mask``        selection has no Triton kernel: the torch top-k is reused
+
+The kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before the kernels were first imported. Arguments a
+kernel does not handle (float64, …) raise :class:`~cdfast.dispatch.Unsupported` so
+that :func:`cdfast.dispatch.call` runs the torch path; the projection operators,
+which the solvers call directly, delegate such inputs to torch themselves.
+All matrix products use IEEE float32 (``input_precision="ieee"``; set
+``CDFAST_TRITON_PRECISION=tf32x3`` to trade a little accuracy for tensor cores).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton  # noqa: F401  (ModuleNotFoundError here marks the backend unavailable)
+
+from .. import constraints as C
+from ..dispatch import Unsupported, register, register_probe
+from ..geometry import LayerGeometry
+from ..losses import ActivationSpec
+
+__all__ = ["statistics", "data_loss_grad", "gram_solve"]
+
+
+def _probe() -> str | None:
+    if torch.cuda.is_available():
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return ("no CUDA device (set TRITON_INTERPRET=1 before importing cdfast to run the Triton "
+            "kernels in the CPU interpreter)")
+
+
+register_probe("triton", _probe)
+
+
+def _kernels():
+    """The kernel modules, imported on first use. Their ``@triton.jit`` decorators read
+    ``TRITON_INTERPRET`` when they run, so the modules are reloaded if it changed since."""
+    import importlib  # noqa: PLC0415
+
+    from cdfast.kernels import _common, conv, gram, statistics as stats  # noqa: PLC0415
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret != (type(gram.gram_step_kernel).__name__ == "InterpretedFunction"):
+        for mod in (_common, stats, conv, gram):
+            importlib.reload(mod)
+    return stats, conv, gram
+
+
+def _empty(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Allocation of every kernel output (the tests poison it to catch unwritten elements)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _precision() -> str:
+    return os.environ.get("CDFAST_TRITON_PRECISION", "ieee")
+
+
+def _launch_opts(cfg: dict) -> tuple[dict, dict]:
+    """Split a config into constexpr block sizes and launch options."""
+    blocks = {k: v for k, v in cfg.items() if k.isupper()}
+    opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    return blocks, opts
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device (2 per SM on CUDA; 1 in the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_float32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype == torch.float64:
+            raise Unsupported("the Triton kernels compute in float32; float64 runs on the torch path")
+
+
+# ------------------------------------------------------------ layer geometry
+def _conv_dims(geometry: LayerGeometry, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``h`` as a contiguous ``N × C × H × W`` tensor and the implicit-im2col sizes."""
+    g = geometry
+    if g.kind == "linear":
+        h = h.reshape(-1, g.in_channels)
+        n = h.shape[0]
+        dims = dict(N=n, M=n, C_in=g.in_channels, H=1, W=1, Wo=1, L=1, KW=1, TAPS=1,
+                    SH=1, SW=1, PH=0, PW=0, DH=1, DW=1)
+    else:
+        n, _, hh, ww = h.shape
+        ho, wo = g.output_hw(hh, ww)
+        dims = dict(N=n, M=n * ho * wo, C_in=g.in_channels, H=hh, W=ww, Wo=wo, L=ho * wo,
+                    KW=g.kernel_size[1], TAPS=g.taps, SH=g.stride[0], SW=g.stride[1],
+                    PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1])
+    dims.update(group_in=g.group_in, D_cols=g.cols)
+    return h.contiguous(), dims
+
+
+def _geo_args(d: dict) -> list:
+    return [d["C_in"], d["H"], d["W"], d["Wo"], d["L"], d["group_in"], d["D_cols"],
+            d["KW"], d["TAPS"], d["SH"], d["SW"], d["PH"], d["PW"], d["DH"], d["DW"]]
+
+
+def _splits(n_chunks: int, programs: int, device: torch.device, force: int | None,
+            min_chunks: int = 8) -> tuple[int, int]:
+    """Split a reduction of ``n_chunks`` tiles over programs: ``(splits, chunks_per_split)``."""
+    if force is not None:
+        split = max(1, min(int(force), n_chunks))
+    else:
+        want = _cdiv(_target_programs(device), max(1, programs))
+        split = max(1, min(want, n_chunks // min_chunks))
+    per = _cdiv(n_chunks, split)
+    return _cdiv(n_chunks, per), per
+
+
+# ---------------------------------------------------------------- statistics
+@register("statistics", "triton")
+def statistics(h_teacher: torch.Tensor, h_student: torch.Tensor, geometry: LayerGeometry,
+               fit_bias: bool, dtype: torch.dtype, mix=(1.0, 0.0, 0.0, 1.0), *,
+               split: int | None = None) -> torch.Tensor:
+    """``(3, G, D, D)`` float32: ``[x1x1ᵀ, x2x2ᵀ, x2x1ᵀ]`` (see :mod:`cdfast.kernels.statistics`)."""
+    if dtype != torch.float32:
+        raise Unsupported(f"the Triton statistics kernel accumulates in float32, not {dtype}")
+    kstats, _, _ = _kernels()
+    ht, dims = _conv_dims(geometry, h_teacher)
+    hs, _ = _conv_dims(geometry, h_student)
+    if ht.dtype == torch.float64:  # the torch path also rounds the inputs to float32 first
+        ht, hs = ht.float(), hs.float()
+    dev = ht.device
+    G, D = geometry.groups, geometry.cols + int(fit_bias)
+    cfg = kstats.CONFIGS[1] if D > 32 else kstats.CONFIGS[0]
+    blocks, opts = _launch_opts(cfg)
+    nb = _cdiv(D, blocks["BLOCK_D"])
+    pairs = torch.tensor([(i, j) for i in range(nb) for j in range(i, nb)], dtype=torch.int32,
+                         device=dev)
+    n_chunks = _cdiv(dims["M"], blocks["BLOCK_M"])
+    n_split, per = _splits(n_chunks, pairs.shape[0] * G, dev, split)
+    out = _empty(n_split, 3, G, D, D, dtype=torch.float32, device=dev)
+    a, b, c, d = (float(x) for x in mix)
+    kstats.dual_gram_kernel[(pairs.shape[0], G, n_split)](
+        ht, hs, out, pairs, dims["M"], *_geo_args(dims), D, a, b, c, d, per, 3 * G * D * D,
+        HAS_ONES=bool(fit_bias), PRECISION=_precision(), **blocks, **opts)
+    return out[0] if n_split == 1 else out.sum(0)
+
+
+# ---------------------------------------------------------------- data form
+class _DataPass:
+    """Shared launch arguments of the data-form kernels for one weight matrix and one
+    batch; ``student`` selects the terms' student mixes ``(c, d)`` or teacher mixes ``(a, b)``."""
+
+    def __init__(self, W, h_teacher, h_student, geometry, spec, bias, student: bool):
+        _check_float32(W, h_teacher, h_student)
+        terms = spec.terms
+        self.ht, self.dims = _conv_dims(geometry, h_teacher)
+        self.hs, _ = _conv_dims(geometry, h_student)
+        self.dev = dev = self.ht.device
+        self.G, self.R, self.Dw = W.shape
+        self.has_ones = self.Dw == geometry.cols + 1
+        self.W = W.detach().float().contiguous()
+        self.M = self.dims["M"]
+        self.TM = len(terms) * self.M
+        mixes = [(t.weight, t.c, t.d) if student else (t.weight, t.a, t.b) for t in terms]
+        self.coef = torch.tensor(mixes, dtype=torch.float32, device=dev)
+        self.need_t = any(m[1] != 0.0 for m in mixes)
+        self.need_s = any(m[2] != 0.0 for m in mixes)
+        self.act = spec.objective == "activation"
+        sigma = spec.activation or ActivationSpec()
+        self.affine = self.act and sigma.scale is not None
+        self.has_bias = bias is not None and not self.has_ones
+        self.bias = bias.detach().float().contiguous() if self.has_bias else self.W
+        self.sc = sigma.scale.to(device=dev, dtype=torch.float32).contiguous() if self.affine else self.W
+        self.sh = sigma.shift.to(device=dev, dtype=torch.float32).contiguous() if self.affine else self.W
+        self.geo = _geo_args(self.dims)
+        self.out_channels = geometry.out_channels
+
+    def forward(self, kconv, tgt, dy, inv_numel: float, write_dy: bool, write_y: bool) -> torch.Tensor:
+        blocks, opts = _launch_opts(kconv.FWD_CONFIGS[1] if self.R > 32 else kconv.FWD_CONFIGS[0])
+        grid = (_cdiv(self.TM, blocks["BLOCK_M"]), _cdiv(self.R, blocks["BLOCK_O"]), self.G)
+        part = _empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=self.dev)
+        kconv.dual_conv_loss_kernel[grid](
+            self.W, self.ht, self.hs, tgt, self.bias, self.sc, self.sh, self.coef,
+            dy if dy is not None else part, part,
+            self.R, self.Dw, self.M, self.TM, self.dims["N"], self.out_channels, *self.geo, inv_numel,
+            HAS_ONES=self.has_ones, HAS_BIAS=self.has_bias, ACT=self.act, HAS_AFFINE=self.affine,
+            NEED_T=self.need_t, NEED_S=self.need_s, WRITE_DY=write_dy, WRITE_Y=write_y,
+            PRECISION=_precision(), **blocks, **opts)
+        return part
+
+
+@register("data_targets", "triton")
+def data_targets(A: torch.Tensor, h_teacher: torch.Tensor, h_student: torch.Tensor,
+                 geometry: LayerGeometry, spec, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher outputs ``σ(A∗P_t + b)`` of every term, stacked: ``(T, *output_shape)``.
+
+    Computed by the data-form forward kernel itself, so that where the student's
+    weight equals the teacher's on the same input the residual is exactly zero.
+    """
+    _, kconv, _ = _kernels()
+    ps = _DataPass(A, h_teacher, h_student, geometry, spec, bias, student=False)
+    if geometry.kind == "linear":
+        y_shape = (*h_teacher.shape[:-1], geometry.out_channels)
+    else:
+        y_shape = (h_teacher.shape[0], geometry.out_channels,
+                   *geometry.output_hw(h_teacher.shape[2], h_teacher.shape[3]))
+    out = _empty((len(spec.terms), *y_shape), dtype=torch.float32, device=ps.dev)
+    ps.forward(kconv, out, None, 1.0, False, True)
+    return out.to(A.dtype)
+
+
+@register("data_loss_grad", "triton")
+def data_loss_grad(W: torch.Tensor, h_teacher: torch.Tensor, h_student: torch.Tensor,
+                   targets: torch.Tensor, geometry: LayerGeometry, spec, bias: torch.Tensor | None = None,
+                   need_grad: bool = True, *, split: int | None = None):
+    """Data-form loss and ``dL/dW`` (matrix view); see :mod:`cdfast.kernels.conv`."""
+    _check_float32(targets)
+    _, kconv, _ = _kernels()
+    ps = _DataPass(W, h_teacher, h_student, geometry, spec, bias, student=True)
+    tg = targets.detach().float().contiguous()
+    numel = tg[0].numel()
+    dy = _empty(ps.G, ps.R, ps.TM, dtype=torch.float32, device=ps.dev) if need_grad else None
+    part = ps.forward(kconv, tg, dy, 1.0 / numel, bool(need_grad), False)
+    loss = part.sum() / numel
+    if not need_grad:
+        return loss, None
+    G, R, Dw = ps.G, ps.R, ps.Dw
+    wcfg = kconv.WGRAD_CONFIGS[1] if (R > 32 and Dw > 32) else kconv.WGRAD_CONFIGS[0]
+    blocks, opts = _launch_opts(wcfg)
+    tiles = _cdiv(R, blocks["BLOCK_O"]) * _cdiv(Dw, blocks["BLOCK_D"]) * G
+    n_split, per = _splits(_cdiv(ps.TM, blocks["BLOCK_M"]), tiles, ps.dev, split)
+    out = _empty(n_split, G, R, Dw, dtype=torch.float32, device=ps.dev)
+    grid = (_cdiv(R, blocks["BLOCK_O"]), _cdiv(Dw, blocks["BLOCK_D"]), G * n_split)
+    kconv.conv_weight_grad_kernel[grid](
+        dy, ps.ht, ps.hs, ps.coef, out, R, Dw, ps.M, ps.TM, *ps.geo, per, n_split,
+        HAS_ONES=ps.has_ones, NEED_T=ps.need_t, NEED_S=ps.need_s, PRECISION=_precision(),
+        **blocks, **opts)
+    grad = out[0] if n_split == 1 else out.sum(0)
+    return loss, grad.to(W.dtype)
+
+
+# ------------------------------------------------------- projection operators
+_ELEMENTWISE_BLOCK = 1024
+
+
+def _one_scalar_table(value: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([value], dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
+@register("soft_threshold", "triton")
+def soft_threshold(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``sign(w)·max(|w| − t, 0)`` (float32; other dtypes use the torch operator)."""
+    if w.dtype != torch.float32:
+        return C.soft_threshold(w, threshold)
+    _, _, kgram = _kernels()
+    src = w.contiguous()
+    out = _empty(src.shape, dtype=src.dtype, device=src.device)
+    n = src.numel()
+    if n:
+        kgram.soft_threshold_kernel[(_cdiv(n, _ELEMENTWISE_BLOCK),)](
+            src, out, n, float(threshold), BLOCK=_ELEMENTWISE_BLOCK)
+    return out
+
+
+_MAX_TAPS = 128
+
+
+def _prox_blocks(kgram, taps: int) -> tuple[dict, dict]:
+    bt = triton.next_power_of_2(taps)
+    for cfg in kgram.PROX_CONFIGS:
+        if cfg["BLOCK_T"] == bt:
+            return _launch_opts(cfg)
+    raise Unsupported(f"kernels of {taps} taps exceed the channel-prox configurations")
+
+
+def _channel_prox(W: torch.Tensor, geometry: LayerGeometry, mode: int, params: torch.Tensor,
+                  counter: torch.Tensor, thr_col: int, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch :func:`channel_prox_kernel` on the contiguous ``(G, R, D)`` tensor ``W``."""
+    _, _, kgram = _kernels()
+    g = geometry
+    if norms is None:
+        norms = _empty(g.groups, g.group_in, dtype=torch.float32, device=W.device)
+    blocks, opts = _prox_blocks(kgram, g.taps)
+    kgram.channel_prox_kernel[(g.groups * g.group_in,)](
+        W, norms, params, counter, W.shape[1], W.shape[2], g.group_in, g.taps, params.shape[-1],
+        thr_col, torch.finfo(torch.float32).tiny, MODE=mode, **blocks, **opts)
+    return norms
+
+
+@register("group_shrink", "triton")
+def group_shrink(W: torch.Tensor, geometry: LayerGeometry, threshold: float) -> torch.Tensor:
+    """``W_i ← max(1 − t/‖W_i‖₂, 0)·W_i`` per input channel (float32, at most 128 taps;
+    else the torch operator)."""
+    if W.dtype != torch.float32 or geometry.taps > _MAX_TAPS:
+        return C.group_shrink(W, geometry, threshold)
+    out = W.contiguous().clone()
+    params, counter = _one_scalar_table(float(threshold), W.device)
+    _channel_prox(out.view(geometry.groups, -1, W.shape[-1]), geometry, 1, params, counter, 0)
+    return out
+
+
+@register("quantize", "triton")
+def quantize(W: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, values)`` on the grid ``scale·{0, ±1/L, …, ±1}`` (float32; else torch)."""
+    if W.dtype != torch.float32 or scale.dtype != torch.float32:
+        return C.quantize(W, scale, bits)
+    _, _, kgram = _kernels()
+    src = W.contiguous()
+    cols = src.shape[-1]
+    s = scale.expand(*src.shape[:-1], 1).contiguous()
+    codes = _empty(src.shape, dtype=torch.int8, device=src.device)
+    vals = _empty(src.shape, dtype=src.dtype, device=src.device)
+    n = src.numel()
+    if n:
+        kgram.quantize_kernel[(_cdiv(n, _ELEMENTWISE_BLOCK),)](
+            src, s, codes, vals, n, cols, float(2 ** (bits - 1) - 1), 1, BLOCK=_ELEMENTWISE_BLOCK)
+    return codes, vals
+
+
+# Selection (top-k) has no Triton kernel; the triton backend reuses torch's.
+register("topk_mask", "triton")(C.topk_mask)
+
+
+# ----------------------------------------------------------- Gram-form solver
+_GRAPH_STEPS = 32  # steps per captured CUDA graph (even: the weight buffers alternate)
+_RING = 2 * _GRAPH_STEPS  # loss-partial slots (a value is reduced before its slot is reused)
+
+
+class _GramStepper:
+    """State of the Triton Gram solve: ping-pong weight buffers, optimizer state, the
+    per-step parameter table and the device step counter."""
+
+    def __init__(self, quad, plan, cfg, kgram):
+        self.k = kgram
+        self.plan, self.cfg = plan, cfg
+        self.adam = cfg.solver == "adam"
+        self.dev = quad.anchor.device
+        self.set_quad(quad, quad.anchor.clone(), None, None)
+        G, R, D = quad.anchor.shape
+        self.part_stride = G * _cdiv(R, 32) * _cdiv(D, 32)  # the most programs any config uses
+        self.part = torch.zeros(_RING, self.part_stride, dtype=torch.float32, device=self.dev)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=self.dev)
+        self.params = self._table()
+        g = plan.geometry
+        self.norms = torch.zeros(g.groups, g.group_in, dtype=torch.float32, device=self.dev)
+
+    def set_quad(self, quad, W, m, v) -> None:
+        self.quad = quad
+        self.A, self.H, self.F = (t.contiguous() for t in (quad.anchor, quad.H, quad.F))
+        self.bufs = [W.contiguous(), _empty(W.shape, dtype=W.dtype, device=W.device)]
+        self.cur = 0
+        if hasattr(self, "part"):  # fewer programs from now on: clear their stale slots
+            self.part.zero_()
+        self.m = torch.zeros_like(W) if m is None else m.contiguous()
+        self.v = (torch.zeros_like(W) if v is None else v.contiguous()) if self.adam else self.m
+
+    @property
+    def W(self) -> torch.Tensor:
+        return self.bufs[self.cur]
+
+    def _table(self) -> torch.Tensor:
+        cfg, plan = self.cfg, self.plan
+        b1, b2 = cfg.betas
+        rows = []
+        for i in range(cfg.steps):
+            lr = cfg.lr * plan.lr_factor(i)
+            t = i + 1
+            row = [lr, lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)]
+            row += [lr * p.strength for p in plan.penalties]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.float32, device=self.dev)
+
+    def step(self, i: int, mask: torch.Tensor | None, wc: int, fuse_l1: bool) -> None:
+        """Launch step ``i``'s fused GEMM (reads the counter, which must equal ``i``)."""
+        k, plan, cfg = self.k, self.plan, self.cfg
+        W, Wn = self.bufs[self.cur], self.bufs[1 - self.cur]
+        G, R, D = W.shape
+        blocks, opts = _launch_opts(k.STEP_CONFIGS[1] if (R > 32 and D > 32) else k.STEP_CONFIGS[0])
+        grid = (_cdiv(R, blocks["BLOCK_R"]), _cdiv(D, blocks["BLOCK_N"]), G)
+        quant = plan.quant is not None
+        scale = plan.scale.contiguous() if quant else W
+        b1, b2 = cfg.betas
+        k.gram_step_kernel[grid](
+            W, Wn, self.A, self.H, self.F, self.m, self.v,
+            mask if mask is not None else W, scale, self.params, self.counter, self.part,
+            R, D, wc, self.params.shape[1], self.part_stride, _RING, 2.0 * self.quad.scale,
+            1.0 - b1, b2, 1.0 - b2, cfg.eps, cfg.momentum,
+            float(plan.quant.levels) if quant else 1.0,
+            1 if (quant and scale.numel() > 1) else 0,
+            ADAM=self.adam, HAS_MASK=mask is not None, QUANT=quant, FUSE_L1=fuse_l1,
+            PRECISION=_precision(), **blocks, **opts)
+        self.cur = 1 - self.cur
+
+    def penalty(self, j: int) -> None:
+        """Proximal map of penalty ``j`` on the current weight, threshold from the table."""
+        p = self.plan.penalties[j]
+        mode = 2 if isinstance(p, C.L1) else 1
+        _channel_prox(self.W, self.plan.geometry, mode, self.params, self.counter, self.k.P_THR0.value + j,
+                      self.norms)
+
+    def channel_norms(self) -> torch.Tensor:
+        return _channel_prox(self.W, self.plan.geometry, 0, self.params, self.counter, 0, self.norms)
+
+    def value(self, i: int) -> torch.Tensor:
+        """``Σ Δ⊙(G+F) + f₀`` of step ``i`` (a device scalar; no synchronisation)."""
+        return self.part[i % _RING].sum() + self.quad.f0
+
+    def advance(self) -> None:
+        self.counter.add_(1)
+
+
+def _schedule_active(plan, step: int) -> bool:
+    return ((plan.channel is not None or plan.weight is not None) and step <= plan.ramp_end) or (
+        plan.nm is not None and step == plan.ramp_end)
+
+
+def _after_step(plan, st: _GramStepper, step: int, lr: float, skip_first: bool) -> bool:
+    """:meth:`ConstraintPlan.after_step` with the channel norms and the proximal maps on
+    the Triton kernels (same order: schedules, then penalties, then the mask)."""
+    changed = False
+    g = plan.geometry
+    W = st.W
+    if plan.channel is not None and step <= plan.ramp_end:
+        frac = (plan.ramp_float - step) / plan.ramp_float if plan.ramp_float > 0 else 0.0
+        k = int((g.group_in - plan.target_channels) * frac) + plan.target_channels
+        if k < plan._channels_prev:
+            norms = st.channel_norms()
+            keep = torch.stack([plan.ops["topk_mask"](norms[i], k) for i in range(g.groups)])
+            plan.mask &= C.expand_channels(keep, g, plan.cols).expand_as(plan.mask)
+            plan._channels_prev = k
+            changed = True
+    if plan.weight is not None and step <= plan.ramp_end:
+        frac = (plan.ramp_end - step) / plan.ramp_end if plan.ramp_end > 0 else 0.0
+        ratio = plan.weight.density + (1 - plan.weight.density) * frac
+        k = int(plan.numel * ratio + 1e-9)
+        keep = plan.ops["topk_mask"](W[..., :g.cols].abs(), k)
+        new = plan.mask.clone()
+        new[..., :g.cols] &= keep
+        changed = not torch.equal(new, plan.mask)
+        plan.mask = new
+    if plan.nm is not None and step == plan.ramp_end:
+        plan.mask &= C.nm_mask(W.abs(), g, plan.nm.n, plan.nm.m)
+        changed = True
+    if step >= plan.ramp_end:
+        plan.mask_fixed = True
+    for j, p in enumerate(plan.penalties):
+        if (j == 0 and skip_first) or lr * p.strength == 0:
+            continue
+        st.penalty(j)
+    if changed:
+        W.mul_(plan.mask)
+    return changed
+
+
+#: Tests set this to run the graph segments' launch sequence eagerly off CUDA.
+_EMULATE_GRAPHS = False
+
+
+def _graphs_wanted(device: torch.device) -> bool:
+    if os.environ.get("CDFAST_CUDA_GRAPHS", "1") == "0":
+        return False
+    return device.type == "cuda" or _EMULATE_GRAPHS
+
+
+@register("gram_solve", "triton")
+def gram_solve(quad, plan, cfg):
+    """:func:`cdfast.solvers.gram_iterative` with each step one fused Triton GEMM.
+
+    Same iterates and history format as the torch path (to float32 rounding). On
+    CUDA, the steady phase (no schedule, no quantizer) runs as captured CUDA graphs
+    of ``_GRAPH_STEPS`` steps each, with the losses read back only at the end.
+    """
+    from ..solvers import _log_every, _row_loss_fn, _weight_cols, refit_scale  # noqa: PLC0415
+
+    _check_float32(quad.H, quad.F, quad.anchor)
+    if cfg.solver not in ("adam", "sgd"):
+        raise Unsupported(f"solver {cfg.solver!r} is not an iterative Gram solver")
+    if plan.quant is not None and plan.quant.levels <= 0:
+        raise Unsupported("quantizer without levels")
+    _, _, kgram = _kernels()
+    if plan.channel is not None or plan.penalties:  # fail before any state changes
+        _prox_blocks(kgram, plan.geometry.taps)
+    st = _GramStepper(quad, plan, cfg, kgram)
+    every = _log_every(cfg)
+    hist_steps, hist_vals = [], []
+    refit_every = max(1, cfg.steps // 10)
+    if plan.quant is not None:
+        plan.init_scale(st.W, _row_loss_fn(quad))
+    cols = None
+    full_quad = quad
+    best_value, best_W, best_scale, best_cols = math.inf, None, None, None
+    mask_all = bool(plan.mask.all())
+    steady_from = 0
+    if plan.channel is not None or plan.weight is not None or plan.nm is not None:
+        steady_from = plan.ramp_end + 2
+    use_graphs = _graphs_wanted(st.dev) and plan.quant is None
+    graph = None
+    warm = 0  # eager steps run in the steady phase (capture waits for two: all compiled)
+
+    i = 0
+    while i < cfg.steps:
+        if (cols is None and plan.channel is not None and plan.mask_fixed and not plan.penalties
+                and plan.geometry.groups == 1 and i > plan.ramp_end):
+            cols = torch.nonzero(plan.mask[0, 0]).flatten()
+            quad = quad.restrict(cols)
+            st.set_quad(quad, st.W[..., cols], st.m[..., cols], st.v[..., cols] if st.adam else None)
+        mask = None if cols is not None or mask_all else plan.mask
+        wc = plan.geometry.cols if cols is None else _weight_cols(plan, cols)
+        lr = cfg.lr * plan.lr_factor(i)
+        sched = cols is None and _schedule_active(plan, i)
+        fuse = (cols is None and bool(plan.penalties) and isinstance(plan.penalties[0], C.L1)
+                and not sched and lr * plan.penalties[0].strength != 0)
+
+        if use_graphs and i >= steady_from and warm >= 2 and cfg.steps - i >= _GRAPH_STEPS:
+            if graph is None:
+                graph = _capture(st, i, mask, wc, fuse, cols, plan, lr)
+            graph.replay()
+            for s in range(i, i + _GRAPH_STEPS):
+                if s % every == 0 or s == cfg.steps - 1:
+                    hist_steps.append(s)
+                    hist_vals.append(st.value(s))
+            i += _GRAPH_STEPS
+            continue
+
+        st.step(i, mask, wc, fuse)
+        if i % every == 0 or i == cfg.steps - 1 or plan.quant is not None:
+            value = st.value(i)
+            if i % every == 0 or i == cfg.steps - 1:
+                hist_steps.append(i)
+                hist_vals.append(value)
+            if plan.quant is not None and float(value) < best_value:
+                # The value belongs to the weight before this step: keep that iterate.
+                prev = st.bufs[1 - st.cur]
+                best_value, best_W, best_scale, best_cols = float(value), prev.clone(), plan.scale.clone(), cols
+        if cols is None:
+            if _after_step(plan, st, i, lr, fuse):
+                mask_all = bool(plan.mask.all())
+        st.advance()
+        if plan.quant is not None and (i + 1) % refit_every == 0:
+            wcq = plan.geometry.cols if cols is None else _weight_cols(plan, cols)
+            codes = plan.ops["quantize"](st.W[..., :wcq], plan.scale, plan.quant.bits)[0]
+            plan.scale = refit_scale(codes, quad, plan.quant.levels, plan.quant.per_channel, plan.scale, wcq)
+        if i >= steady_from:
+            warm += 1
+        i += 1
+
+    W = st.W
+    if plan.quant is not None:
+        W, cols, plan.scale = best_W, best_cols, best_scale
+    if cols is not None:
+        full = torch.zeros_like(full_quad.anchor)
+        full[..., cols] = W
+        W = full
+    history = [(s, float(quad.scale * v)) for s, v in zip(hist_steps, hist_vals)]
+    return W, history
+
+
+class _EagerGraph:
+    """Stand-in for a CUDA graph off CUDA (tests): ``replay`` runs the launches eagerly."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def replay(self) -> None:
+        self.launches()
+
+
+def _capture(st: _GramStepper, i: int, mask, wc: int, fuse: bool, cols, plan, lr: float):
+    """Capture ``_GRAPH_STEPS`` steady steps (kernels, penalties, counter) in a CUDA graph.
+
+    Reached once two eager steps of the steady phase have run (every kernel is
+    compiled, so nothing compiles during capture). The kernels read their per-step
+    scalars through the device counter, so one graph serves every later run of
+    steps; the weight buffers alternate an even number of times per graph.
+    """
+    def launches():
+        start = st.cur
+        for _ in range(_GRAPH_STEPS):
+            st.step(i, mask, wc, fuse)
+            for j, p in enumerate(plan.penalties):
+                if (j == 0 and fuse) or lr * p.strength == 0:
+                    continue
+                st.penalty(j)
+            st.advance()
+        assert st.cur == start  # an even number of ping-pong steps
+
+    if st.dev.type != "cuda":
+        return _EagerGraph(launches)
+    torch.cuda.synchronize(st.dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launches()
+    return graph
