@@ -215,7 +215,7 @@ def distill_layer(teacher_layer: nn.Module,
         quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping)
         loss_teacher = float(quad.loss(anchor))
         if solver == "exact":
-            W, history = exact_solve(quad, plan)
+            W, history = exact_solve(quad, plan, backend, strict)
             backend_used = "torch"
         else:
             backend_used, (W, history) = dispatch.call("gram_solve", device, backend, strict, quad, plan, cfg)

@@ -343,8 +343,10 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int,
     return W
 
 
-def exact_solve(quad: Quadratic, plan: ConstraintPlan):
+def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "auto", strict: bool | None = None):
     """The exact solver. Returns ``(W, history)`` with the loss after each phase."""
+    from .dispatch import call
+
     support = _support(quad, plan)
     plan.mask = support
     W = solve_on_support(quad, support)
@@ -361,8 +363,8 @@ def exact_solve(quad: Quadratic, plan: ConstraintPlan):
                 Hs = quad.H[g][cols][:, cols]
                 sc = (plan.scale[g] if plan.scale.shape[0] > 1 else plan.scale[0]).reshape(-1)
                 wcg = int((cols < wc).sum())
-                sub = gptq_round(W[g][:, cols], Hs, sc, plan.quant.bits, wcg, support[g][:, cols],
-                                 quad.damping)
+                _, sub = call("gptq_round", W.device, backend, strict, W[g][:, cols], Hs, sc, plan.quant.bits,
+                              wcg, support[g][:, cols], quad.damping)
                 Wq[g].zero_()
                 Wq[g][:, cols] = sub
             codes = quantize(Wq[..., :wc], plan.scale, plan.quant.bits)[0]

@@ -84,3 +84,10 @@ def data_targets(A: torch.Tensor, h_teacher: torch.Tensor, h_student: torch.Tens
     w, b = geometry.weight_tensor(A)
     return torch.stack(spec.teacher_outputs(geometry, w, b if b is not None else bias,
                                             h_teacher, h_student))
+
+
+@register("gptq_round", "torch")
+def gptq_round(*args, **kwargs):
+    from ..solvers import gptq_round as ref
+
+    return ref(*args, **kwargs)

@@ -1,0 +1,273 @@
+"""The ``cuda`` backend: the CUDA C++ extension ``cdfast._cuda``.
+
+``gram_solve``
+    The persistent fused Gram-form solver (``csrc/gram_solver_kernel.cuh``): one
+    cooperative launch runs every step of :func:`cdfast.solvers.gram_iterative` for
+    one layer — gradient ``(W−A)·H + F``, Adam or SGD+momentum with masked state,
+    the constraint schedule (channel top-k ramp and lr drop, weight top-k ramp, N:M,
+    L1 and group-lasso prox, straight-through B-bit quantization with best-iterate
+    tracking and closed-form scale refits) — and returns ``(W_latent, history)`` as
+    the torch path does. The iterates are the same up to floating-point rounding
+    (the kernel sums in another order and accumulates reductions in float64);
+    top-k ties are broken by a fixed order (lowest channel index).
+``gptq_round``
+    The GPTQ-style rounding pass (same signature as :func:`cdfast.solvers.gptq_round`).
+
+The extension is linked against the static CUDA runtime, so it imports where no
+GPU is; the probe then says why the backend cannot run. Combinations the kernel
+does not cover raise :class:`~cdfast.dispatch.Unsupported` (the torch path runs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import dispatch
+from ..constraints import L1, GroupLasso
+from ..dispatch import Unsupported, register
+
+_ext = None
+_import_error: str | None = None
+try:
+    from .. import _cuda as _ext  # type: ignore[attr-defined]
+except ImportError as exc:  # built without nvcc, or a source checkout
+    _import_error = f"the CUDA extension cdfast._cuda is not built ({exc})"
+
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+_probe_cache: list = []
+
+
+def _probe() -> str | None:
+    if _ext is None:
+        return _import_error
+    if not _probe_cache:
+        n, why = _ext.device_count()
+        if why:
+            reason = f"no usable CUDA device ({why})"
+        elif n < 1:
+            reason = "no CUDA device is visible"
+        elif not torch.cuda.is_available():
+            reason = "this torch has no CUDA support (torch.cuda.is_available() is False)"
+        else:
+            reason = None
+        _probe_cache.append(reason)
+    return _probe_cache[0]
+
+
+dispatch.register_probe("cuda", _probe)
+
+
+# ------------------------------------------------------------------ gram_solve
+def _schedule(plan, cfg, numel_w: int):
+    """Per-step constants, computed exactly as ConstraintPlan/_Optimizer compute them."""
+    steps = cfg.steps
+    b1, b2 = cfg.betas
+    g = plan.geometry
+    sched_f, sched_i = [], []
+    prev = getattr(plan, "_channels_prev", None)
+    from ..solvers import _log_every
+
+    every = _log_every(cfg)
+    log_steps = []
+    for i in range(steps):
+        lr_i = cfg.lr * plan.lr_factor(i)
+        t = i + 1
+        sched_f.append((lr_i, lr_i / (1 - b1 ** t), math.sqrt(1 - b2 ** t)))
+        chan_k = 0
+        if plan.channel is not None and i <= plan.ramp_end:
+            frac = (plan.ramp_float - i) / plan.ramp_float if plan.ramp_float > 0 else 0.0
+            k = int((g.group_in - plan.target_channels) * frac) + plan.target_channels
+            if k < prev:
+                chan_k, prev = k, k
+        weight_k = -1
+        if plan.weight is not None and i <= plan.ramp_end:
+            frac = (plan.ramp_end - i) / plan.ramp_end if plan.ramp_end > 0 else 0.0
+            ratio = plan.weight.density + (1 - plan.weight.density) * frac
+            k = int(plan.numel * ratio + 1e-9)
+            weight_k = k if k < numel_w else -1  # keeping everything changes nothing
+        slot = -1
+        if i % every == 0 or i == steps - 1:
+            slot = len(log_steps)
+            log_steps.append(i)
+        sched_i.append((chan_k, weight_k, slot))
+    return sched_f, sched_i, log_steps, prev
+
+
+def _check_supported(quad, plan, cfg) -> None:
+    if cfg.solver not in ("adam", "sgd"):
+        raise Unsupported(f"solver {cfg.solver!r}: the CUDA kernel runs adam and sgd")
+    A = quad.anchor
+    if A.dtype not in _DTYPES:
+        raise Unsupported(f"dtype {A.dtype}: the CUDA kernel runs float32 and float64")
+    if sum(isinstance(p, L1) for p in plan.penalties) > 1 or sum(isinstance(p, GroupLasso)
+                                                                for p in plan.penalties) > 1:
+        raise Unsupported("more than one L1 or GroupLasso penalty on one layer")
+    if plan.nm is not None and plan.nm.m > 32:
+        raise Unsupported(f"NMSparsity m={plan.nm.m}: the CUDA kernel handles m <= 32")
+    if A.dim() == 3 and A.numel() >= 2 ** 31:
+        raise Unsupported(f"a layer of {A.numel()} weights: the CUDA kernel counts in 32 bits")
+
+
+def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
+    """Run the persistent solver of ``ext`` (default: ``cdfast._cuda``) on ``quad``.
+
+    Same contract as :func:`cdfast.solvers.gram_iterative`: returns
+    ``(W_latent, history)`` and leaves ``plan.mask`` / ``plan.scale`` as it does.
+    ``ext`` may be the CPU emulation of the tests (host tensors); ``max_blocks``
+    caps the grid (0: as many blocks as fit on the device).
+    """
+    from ..solvers import _row_loss_fn
+
+    ext = _ext if ext is None else ext
+    if ext is None:
+        raise Unsupported(_import_error or "the CUDA extension is not built")
+    _check_supported(quad, plan, cfg)
+    emulated = bool(getattr(ext, "emulated", False))
+    A = quad.anchor.contiguous()
+    H = quad.H.to(A.dtype).contiguous()
+    Fm = quad.F.to(A.dtype).contiguous()
+    device = A.device
+    if not emulated and device.type != "cuda":
+        raise ValueError(f"quad: the cuda backend runs on CUDA tensors, got device {device}")
+    if H.device != device or Fm.device != device:
+        raise ValueError("quad: H, F and the anchor must be on one device")
+    if A.dim() != 3 or H.shape != (A.shape[0], A.shape[2], A.shape[2]) or Fm.shape != A.shape:
+        raise ValueError(f"quad: expected H (G, D, D) and F like the anchor (G, R, D), got H {tuple(H.shape)}, "
+                         f"F {tuple(Fm.shape)}, anchor {tuple(A.shape)}")
+    geo = plan.geometry
+    G, R, D = A.shape
+    wc = geo.cols
+    if G != geo.groups or D not in (wc, wc + 1) or tuple(plan.mask.shape) != (G, R, D):
+        raise ValueError("plan: its geometry and mask do not match the quadratic")
+    dt = A.dtype
+    numel_w = G * R * wc
+    sched_f, sched_i, log_steps, chan_prev = _schedule(plan, cfg, numel_w)
+    steps = cfg.steps
+    nm_step = plan.ramp_end if (plan.nm is not None and plan.ramp_end < steps) else -1
+    l1 = next((p for p in plan.penalties if isinstance(p, L1)), None)
+    gl = next((p for p in plan.penalties if isinstance(p, GroupLasso)), None)
+    l1_first = int(l1 is not None and gl is not None and plan.penalties.index(l1) < plan.penalties.index(gl))
+
+    W = A.clone()
+    Wb = torch.empty_like(W)
+    m = torch.zeros_like(W)
+    v = torch.zeros_like(W) if cfg.solver == "adam" else None
+    mask = plan.mask.to(torch.uint8).contiguous()
+    TM, TN = ext.tile_shape()
+    ntiles = G * (-(-R // TM)) * (-(-D // TN))
+    log_part = torch.zeros(len(log_steps), ntiles, dtype=torch.float64, device=device)
+    ws = torch.zeros(ext.gram_workspace_bytes(G, R, D, geo.group_in, _DTYPES[dt]), dtype=torch.uint8,
+                     device=device)
+    f_sched = torch.tensor(sched_f, dtype=torch.float64, device=device).contiguous()
+    i_sched = torch.tensor(sched_i, dtype=torch.int64, device=device).contiguous()
+    f0 = float(quad.f0)
+    args = dict(dtype=_DTYPES[dt], device=device.index or 0,
+                G=G, R=R, D=D, wc=wc, taps=geo.taps, group_in=geo.group_in, steps=steps,
+                solver=0 if cfg.solver == "adam" else 1, beta1=float(cfg.betas[0]), beta2=float(cfg.betas[1]),
+                eps=float(cfg.eps), momentum=float(cfg.momentum), two_s=2.0 * quad.scale,
+                H=H.data_ptr(), F=Fm.data_ptr(), A=A.data_ptr(), W=W.data_ptr(), Wb=Wb.data_ptr(),
+                m=m.data_ptr(), v=v.data_ptr() if v is not None else 0, mask=mask.data_ptr(),
+                sched_f=f_sched.data_ptr(), sched_i=i_sched.data_ptr(), nm_step=nm_step,
+                nm_n=plan.nm.n if plan.nm is not None else 0, nm_m=plan.nm.m if plan.nm is not None else 0,
+                l1=float(l1.strength) if l1 is not None else 0.0,
+                gl=float(gl.strength) if gl is not None else 0.0, l1_first=l1_first,
+                f0=f0, nlog=len(log_steps), log_part=log_part.data_ptr() if log_steps else 0,
+                workspace=ws.data_ptr(), workspace_bytes=ws.numel(), max_blocks=int(max_blocks))
+    keep = [H, Fm, A, W, Wb, m, v, mask, log_part, ws, f_sched, i_sched]
+    if plan.quant is not None:
+        plan.init_scale(W, _row_loss_fn(quad))
+        scale = plan.scale.reshape(-1).to(dt).contiguous().clone()
+        Rq = torch.bmm(A, H) - Fm
+        if wc < D:  # the fitted bias column is not on the grid: a constant on the right-hand side
+            b = torch.zeros_like(A)
+            b[..., wc:] = A[..., wc:]
+            Rq = Rq - torch.bmm(b, H)
+        Rq = Rq.contiguous()
+        best_W = W.clone()
+        best_scale = scale.clone()
+        best_val = torch.zeros(1, dtype=torch.float64, device=device)
+        args.update(bits=plan.quant.bits, scale_mode=1 if plan.quant.per_channel else 2,
+                    refit_every=max(1, steps // 10), scale=scale.data_ptr(), Rq=Rq.data_ptr(),
+                    best_W=best_W.data_ptr(), best_scale=best_scale.data_ptr(), best_val=best_val.data_ptr())
+        keep += [scale, Rq, best_W, best_scale, best_val]
+    if not emulated:
+        with torch.cuda.device(device):
+            args["stream"] = torch.cuda.current_stream(device).cuda_stream
+            ext.gram_solve(args)
+    else:
+        ext.gram_solve(args)
+    del keep  # the launch is stream-ordered: the caching allocator keeps the memory safe
+
+    # Results and the plan's state, as gram_iterative leaves them.
+    plan.mask = mask.bool()
+    if plan.channel is not None:
+        plan._channels_prev = chan_prev
+    if steps - 1 >= plan.ramp_end:
+        plan.mask_fixed = True
+    if plan.quant is not None:
+        W = best_W
+        plan.scale = best_scale.reshape(plan.scale.shape)
+    history = []
+    if log_steps:
+        vals = ((log_part.sum(dim=1) + f0) * quad.scale).tolist()
+        history = list(zip(log_steps, vals))
+    return W, history
+
+
+@register("gram_solve", "cuda")
+def gram_solve(quad, plan, cfg):
+    """The persistent CUDA solver; same contract as :func:`cdfast.solvers.gram_iterative`."""
+    return solve(quad, plan, cfg)
+
+
+# ------------------------------------------------------------------ gptq_round
+def gptq_round(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, weight_cols: int,
+               support: torch.Tensor, damping: float, block: int = 128, ext=None) -> torch.Tensor:
+    """GPTQ-style rounding of one group's ``W`` (rows, D); see :func:`cdfast.solvers.gptq_round`.
+
+    ``block`` is accepted for signature compatibility: the kernel applies every
+    error update at once (the same sums, rounded in another order).
+    """
+    ext = _ext if ext is None else ext
+    if ext is None:
+        raise Unsupported(_import_error or "the CUDA extension is not built")
+    emulated = bool(getattr(ext, "emulated", False))
+    for name, t in (("W", W), ("H", H), ("scale", scale), ("support", support)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if W.dtype not in _DTYPES:
+        raise Unsupported(f"W: dtype {W.dtype}; the CUDA kernel runs float32 and float64")
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]) or support.shape != W.shape:
+        raise ValueError(f"W, H, support: expected (rows, D), (D, D), (rows, D), got {tuple(W.shape)}, "
+                         f"{tuple(H.shape)}, {tuple(support.shape)}")
+    if not emulated and W.device.type != "cuda":
+        raise ValueError(f"W: the cuda backend runs on CUDA tensors, got device {W.device}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits: expected an int in 2..8, got {bits!r}")
+    rows, D = W.shape
+    if not 0 <= int(weight_cols) <= D:
+        raise ValueError(f"weight_cols: expected 0..{D}, got {weight_cols}")
+    sc = scale.reshape(-1).to(W.dtype).contiguous()
+    if sc.numel() not in (1, rows):
+        raise Unsupported(f"scale: {sc.numel()} values for {rows} rows")
+    d = torch.diagonal(H).mean().clamp_min(torch.finfo(H.dtype).tiny)
+    Hd = H + damping * d * torch.eye(D, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    U = U.to(W.dtype).contiguous()
+    out = W.clone().contiguous()
+    sup = support.to(torch.uint8).contiguous()
+    args = dict(dtype=_DTYPES[W.dtype], device=W.device.index or 0,
+                rows=rows, D=D, weight_cols=int(weight_cols), bits=bits,
+                scale_per_row=int(sc.numel() == rows and rows > 1), W=out.data_ptr(), U=U.data_ptr(),
+                scale=sc.data_ptr(), support=sup.data_ptr())
+    if not emulated:
+        with torch.cuda.device(W.device):
+            args["stream"] = torch.cuda.current_stream(W.device).cuda_stream
+            ext.gptq_round(args)
+    else:
+        ext.gptq_round(args)
+    return out
+
+
+register("gptq_round", "cuda")(gptq_round)
