@@ -307,6 +307,9 @@ def _reconstruct(teacher, xs, keep, policy, method):
 
 
 # ---------------------------------------------------------------------- run
+FSKD_OPTIONS = ("ridge", "fit_intercept", "kept_outputs")
+
+
 def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, policy: str = "resnet",
         steps: int | None = None, seed: int = 0, lr: float = 1e-3, batch_size: int = 256, **kw):
     """Compress ``teacher`` with baseline ``method``; returns ``(student, info)``.
@@ -321,7 +324,10 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
         steps: iterations (bp/fitnet: default 300; nc/cross/soft: compress's default 3000).
         seed: seed of the batch order (bp/fitnet).
         lr: Adam learning rate of bp/fitnet.
-        **kw: passed on to :func:`cdfast.compress` (nc/cross/soft) or :func:`cdfast.fskd.fskd`.
+        **kw: options of :func:`cdfast.compress` (``solver``, ``mu`` …), used by nc/cross/soft,
+            and of :func:`cdfast.fskd.fskd` (``ridge``, ``fit_intercept``, ``kept_outputs``),
+            used by fskd; the other methods have no such options, so one set of keywords
+            can be passed to every method of a comparison.
 
     Returns:
         ``info``: ``method, params, flops, params_teacher, flops_teacher, seconds,
@@ -376,9 +382,10 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
                     found = _producer(teacher, leaves, cons)
                     if found is not None:
                         kept_out[found[0]] = idx
-            kw.setdefault("kept_outputs", kept_out)
+            fkw = {k: v for k, v in kw.items() if k in FSKD_OPTIONS}
+            fkw.setdefault("kept_outputs", kept_out)
             student, finfo = fskd(teacher, student, xs, batch_size=batch_size, inplace=True,
-                                  return_info=True, **kw)
+                                  return_info=True, **fkw)
             info["layers"] = finfo
     student.eval()
     for p in student.parameters():

@@ -3,6 +3,7 @@
     cdfast train resnet20 --epochs 3            train (or load the cached) teacher
     cdfast compress resnet20 --k 5 --keep 0.5   compress it from 5 samples per class
     cdfast experiment --models resnet20 --tasks channel --ks 1 5 --seeds 0 1 2
+    cdfast study --model resnet20 --ks 1 5      when does crossing help (per layer, vs M/D)
     cdfast demo                                 the README's short demonstration
 """
 from __future__ import annotations
@@ -72,6 +73,21 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .data import few_shot, load_fashion_mnist
+    from .study import crossing_study, write_study
+    from .train import train_teacher
+
+    teacher = train_teacher(args.model, epochs=args.epochs).eval()
+    train = load_fashion_mnist("train")
+    held_out = load_fashion_mnist("test").tensors[0][: args.held_out]
+    draws = {(k, s): few_shot(train, k, seed=s).tensors[0] for k in args.ks for s in args.seeds}
+    policy = "resnet" if args.model.startswith("resnet") else "skip_first"
+    rows = crossing_study(teacher, draws, held_out, keep=args.keep, mu=args.mu, policy=policy)
+    print(write_study(rows, args.out))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main
 
@@ -117,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
     e.add_argument("--out", default="docs/results")
     e.set_defaults(func=cmd_experiment)
+
+    st = sub.add_parser("study", help="per-layer drift of cross vs nc against M/D")
+    st.add_argument("--model", default="resnet20")
+    st.add_argument("--epochs", type=int, default=3)
+    st.add_argument("--ks", nargs="+", type=int, default=[1, 2, 5, 10])
+    st.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    st.add_argument("--keep", type=float, default=0.5)
+    st.add_argument("--mu", type=float, default=0.9)
+    st.add_argument("--held-out", type=int, default=1000)
+    st.add_argument("--out", default="docs/results/study")
+    st.set_defaults(func=cmd_study)
 
     d = sub.add_parser("demo", help="short whole-model demonstration (a few minutes on 2 cores)")
     d.add_argument("--k", type=int, default=5)

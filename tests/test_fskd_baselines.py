@@ -141,3 +141,14 @@ def test_fskd_output_pruned_vgg_matches_kept_teacher_channels():
     assert all("err_after" in v for v in info["layers"].values())   # narrowed convs fitted too
     with torch.no_grad():
         assert _rel(fk(x), t(x)) < _rel(l1(x), t(x))
+
+
+def test_every_method_accepts_the_comparison_keywords():
+    """One set of keywords (compress's solver/mu) can be passed to every method."""
+
+    teacher = resnet(8, width=8).eval()
+    x = torch.randn(10, 1, 12, 12)
+    y = torch.arange(10) % 10
+    for method in ("l1", "fskd", "thinet", "cross"):
+        student, info = run(method, teacher, x, keep=0.5, labels=y, solver="exact", mu=0.9, steps=5)
+        assert info["params"] < info["params_teacher"]
