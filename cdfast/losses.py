@@ -57,7 +57,26 @@ import torch.nn.functional as F
 
 from .geometry import LayerGeometry
 
-__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES"]
+__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky"]
+
+
+def robust_cholesky(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """Cholesky factor of the symmetric PSD batch ``H``, adding diagonal jitter if needed.
+
+    Rounding can leave a damped but nearly singular ``H`` (few rows, dead channels)
+    with a tiny negative pivot; the jitter starts at 1e-7·mean(diag H) and grows
+    tenfold until the factorisation succeeds.
+    """
+    L, info = torch.linalg.cholesky_ex(H, upper=upper)
+    if not bool((info > 0).any()):
+        return L
+    d = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(H.dtype).tiny)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    for p in range(-7, 1):
+        L, info = torch.linalg.cholesky_ex(H + (10.0 ** p) * d[..., None, None] * eye, upper=upper)
+        if not bool((info > 0).any()):
+            return L
+    raise ValueError("H: the layer's Gram matrix is not positive semi-definite (NaN or Inf in the inputs?)")
 
 LOSSES = ("nc", "correction", "imitation", "cross", "soft")
 OBJECTIVES = ("linear", "activation")
@@ -266,6 +285,11 @@ class Quadratic:
         return Quadratic(H_in.contiguous(), F_in.contiguous(), self.anchor[..., cols].contiguous(), f0,
                          self.scale, self.damping)
 
+    def to(self, dtype: torch.dtype) -> "Quadratic":
+        """The same quadratic with its tensors in ``dtype``."""
+        return Quadratic(self.H.to(dtype), self.F.to(dtype), self.anchor.to(dtype), self.f0.to(dtype),
+                         self.scale, self.damping)
+
     # -------------------------------------------------------------- values
     def residual_grad(self, W: torch.Tensor) -> torch.Tensor:
         """``ΔH + F`` (the gradient is ``2s`` times this)."""
@@ -293,7 +317,7 @@ class Quadratic:
 
     def minimizer(self) -> torch.Tensor:
         """``W* = A − F H_δ⁻¹`` (unconstrained optimum; see the module docstring)."""
-        L = torch.linalg.cholesky(self.damped_H())
+        L = robust_cholesky(self.damped_H())
         # Solve X H = F  ⇔  H Xᵀ = Fᵀ
         X = torch.cholesky_solve(self.F.transpose(1, 2), L).transpose(1, 2)
         return self.anchor - X

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .constraints import ConstraintPlan, channel_norms, expand_channels, nm_mask, quantize
-from .losses import Quadratic
+from .losses import Quadratic, robust_cholesky
 
 __all__ = ["SolverConfig", "gram_iterative", "data_iterative", "exact_solve", "refit_scale"]
 
@@ -233,7 +233,7 @@ def solve_on_support(quad: Quadratic, support: torch.Tensor) -> torch.Tensor:
         if bool((sup == sup[:1]).all()):  # one support for every row
             idx = torch.nonzero(sup[0]).flatten()
             if idx.numel():
-                L = torch.linalg.cholesky(H[g][idx][:, idx])
+                L = robust_cholesky(H[g][idx][:, idx])
                 out[g][:, idx] = torch.cholesky_solve(R[g][:, idx].t(), L).t()
             continue
         D = H.shape[-1]
@@ -242,7 +242,7 @@ def solve_on_support(quad: Quadratic, support: torch.Tensor) -> torch.Tensor:
         for r0 in range(0, sup.shape[0], chunk):
             m = sup[r0:r0 + chunk].to(H.dtype)  # (r, D)
             Hr = m[:, :, None] * H[g][None] * m[:, None, :] + (1 - m)[:, :, None] * eye
-            L = torch.linalg.cholesky(Hr)
+            L = robust_cholesky(Hr)
             out[g][r0:r0 + chunk] = torch.cholesky_solve((R[g][r0:r0 + chunk] * m)[..., None], L)[..., 0]
     return out
 
@@ -252,7 +252,7 @@ def _select_channels(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
     geo = plan.geometry
     taps, k_target = geo.taps, plan.target_channels
     W = quad.minimizer()
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(quad.damped_H()))
+    Hinv = torch.cholesky_inverse(robust_cholesky(quad.damped_H()))
     keep = torch.ones(geo.groups, geo.group_in, dtype=torch.bool, device=W.device)
     for g in range(geo.groups):
         w, hinv = W[g].clone(), Hinv[g].clone()
@@ -281,7 +281,7 @@ def _support(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
         keep = _select_channels(quad, plan)
         support &= expand_channels(keep, geo, support.shape[-1]).expand_as(support)
     elif plan.weight is not None or plan.nm is not None:
-        hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(quad.damped_H())),
+        hinv_diag = torch.diagonal(torch.cholesky_inverse(robust_cholesky(quad.damped_H())),
                                    dim1=-2, dim2=-1)
         W = quad.minimizer()
         # Gradual: the density falls geometrically over the rounds, each re-solved exactly.
@@ -323,7 +323,7 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int,
     D = W.shape[-1]
     d = torch.diagonal(H).mean().clamp_min(torch.finfo(H.dtype).tiny)
     Hd = H + damping * d * torch.eye(D, dtype=H.dtype, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    U = robust_cholesky(torch.cholesky_inverse(robust_cholesky(Hd)), upper=True)
     L = 2 ** (bits - 1) - 1
     sup = support.to(W.dtype)
     for b0 in range(0, D, block):
@@ -344,8 +344,17 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int,
 
 
 def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "auto", strict: bool | None = None):
-    """The exact solver. Returns ``(W, history)`` with the loss after each phase."""
+    """The exact solver. Returns ``(W, history)`` with the loss after each phase.
+
+    It works in float64 whatever the statistics' dtype: the linear solves on a
+    nearly singular ``H`` need the digits, and they cost little next to the statistics.
+    """
     from .dispatch import call
+
+    out_dtype = quad.H.dtype
+    quad = quad.to(torch.float64)
+    if plan.scale is not None:
+        plan.scale = plan.scale.to(torch.float64)
 
     support = _support(quad, plan)
     plan.mask = support
@@ -376,4 +385,6 @@ def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "au
                 best, best_loss, best_scale = Wq, loss, plan.scale.clone()
         W = best
         plan.scale = best_scale
-    return W, history
+    if plan.scale is not None:
+        plan.scale = plan.scale.to(out_dtype)
+    return W.to(out_dtype), history
