@@ -26,6 +26,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "read_idx",
     "load_fashion_mnist",
+    "clear_cache",
     "few_shot",
     "batches",
     "synthetic_images",
@@ -58,8 +59,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 _SPLIT_PREFIX = {"train": "train", "test": "t10k", "t10k": "t10k"}
 
-# (images path, labels path) -> (normalised images, labels); see load_fashion_mnist.
-_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+# (images file, labels file) identities -> (normalised images, labels); see load_fashion_mnist.
+_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 # --------------------------------------------------------------------------- IDX
@@ -136,8 +137,9 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
     Images are float32 of shape ``N×1×28×28``, scaled to [0, 1] and normalised with
     the fixed mean/std (0.2860, 0.3530); labels are int64 in 0…9. The parsed
-    tensors are cached in memory per file pair, so repeated calls are cheap; the
-    returned datasets share that storage, so do not modify their tensors in place.
+    tensors are cached in memory per file pair (see :func:`clear_cache`), so repeated
+    calls are cheap; the returned datasets share that storage, so do not modify
+    their tensors in place.
 
     Args:
         split: ``"train"`` (60 000 images) or ``"test"`` (alias ``"t10k"``, 10 000).
@@ -161,7 +163,8 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     prefix = _SPLIT_PREFIX[split]
     img_path = _find(root, f"{prefix}-images-idx3-ubyte")
     lbl_path = _find(root, f"{prefix}-labels-idx1-ubyte")
-    key = (str(img_path.resolve()), str(lbl_path.resolve()))
+    key = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size)
+                for p in (img_path, lbl_path))  # a rewritten file is parsed again
     cached = _CACHE.get(key)
     if cached is None:
         images = read_idx(img_path, _IDX_IMAGES_MAGIC)
@@ -174,6 +177,11 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
         y = torch.from_numpy(labels).to(torch.int64)
         cached = _CACHE[key] = (x, y)
     return TensorDataset(*cached)
+
+
+def clear_cache() -> None:
+    """Forget the parsed Fashion-MNIST tensors held by :func:`load_fashion_mnist`."""
+    _CACHE.clear()
 
 
 # ----------------------------------------------------------------- few-shot

@@ -148,7 +148,10 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
     warmup = max(1, int(round(_WARMUP_FRACTION * total)))
 
     torch.manual_seed(seed)
-    model = build_model(model_name).to(device)
+    # channels_last roughly halves the step time of these small convs on CPU; the
+    # model is returned in the default (contiguous) layout.
+    fmt = torch.channels_last
+    model = build_model(model_name).to(device).to(memory_format=fmt)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)
@@ -172,7 +175,7 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
         running = 0.0
         for b in bar:
             idx = order[b * batch_size:(b + 1) * batch_size]
-            xb = x_all[idx].to(device, non_blocking=True)
+            xb = x_all[idx].to(device, non_blocking=True).contiguous(memory_format=fmt)
             yb = y_all[idx].to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
@@ -189,7 +192,7 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
             raise RuntimeError(f"lr: training diverged (loss {running}) at epoch {epoch + 1}; "
                                f"try a smaller lr")
 
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return model
 
