@@ -176,12 +176,17 @@ def gram_iterative(quad: Quadratic, plan: ConstraintPlan, cfg: SolverConfig):
             plan.scale = refit_scale(codes, quad, plan.quant.levels, plan.quant.per_channel, plan.scale, wc)
     if plan.quant is not None:
         W, cols, plan.scale = best_W, best_cols, best_scale
+    return expand_result(W, cols, full_quad, hist_steps, hist_vals)
+
+
+def expand_result(W: torch.Tensor, cols: torch.Tensor | None, full_quad: Quadratic, hist_steps: list,
+                  hist_vals: list):
+    """Scatter a compacted solution back to the layer's columns; history as ``(step, loss)``."""
     if cols is not None:
         full = torch.zeros_like(full_quad.anchor)
         full[..., cols] = W
         W = full
-    history = [(s, float(quad.scale * v)) for s, v in zip(hist_steps, hist_vals)]
-    return W, history
+    return W, [(s, float(full_quad.scale * v)) for s, v in zip(hist_steps, hist_vals)]
 
 
 def _weight_cols(plan: ConstraintPlan, cols: torch.Tensor) -> int:

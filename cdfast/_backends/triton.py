@@ -484,7 +484,7 @@ def gram_solve(quad, plan, cfg):
     CUDA, the steady phase (no schedule, no quantizer) runs as captured CUDA graphs
     of ``_GRAPH_STEPS`` steps each, with the losses read back only at the end.
     """
-    from ..solvers import _log_every, _row_loss_fn, _weight_cols, refit_scale  # noqa: PLC0415
+    from ..solvers import _log_every, _row_loss_fn, _weight_cols, expand_result, refit_scale  # noqa: PLC0415
 
     _check_float32(quad.H, quad.F, quad.anchor)
     if cfg.solver not in ("adam", "sgd"):
@@ -561,12 +561,7 @@ def gram_solve(quad, plan, cfg):
     W = st.W
     if plan.quant is not None:
         W, cols, plan.scale = best_W, best_cols, best_scale
-    if cols is not None:
-        full = torch.zeros_like(full_quad.anchor)
-        full[..., cols] = W
-        W = full
-    history = [(s, float(quad.scale * v)) for s, v in zip(hist_steps, hist_vals)]
-    return W, history
+    return expand_result(W, cols, full_quad, hist_steps, hist_vals)
 
 
 class _EagerGraph:
