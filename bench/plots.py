@@ -50,7 +50,7 @@ def scaling_plots(csv_path: Path, out_dir: Path, device: str) -> list[Path]:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("wall time per layer (s, median)")
-        fixed = (f"32→32 3×3 at 16 px" if kind == "scale_N"
+        fixed = ("32→32 3×3 at 16 px" if kind == "scale_N"
                  else f"N = {first['n']} at {first['hw']} px")
         threads = f", {first['torch_threads']} torch thread(s)" if first.get("torch_threads") else ""
         ax.set_title(f"time vs {kind[-1]}: {fixed}, {first['steps']} Adam steps, keep 0.5\n"

@@ -272,7 +272,7 @@ def render(csv_path: Path = DEFAULT_CSV, out: Path = DEFAULT_OUT) -> str:
           "* **Final loss**: every implementation's final weight is scored by the same float64 "
           "data-form evaluation of the cross loss (`bench.cases.eval_cross_loss`); each "
           "implementation's own figure is kept in `reported_loss`. `loss_not_worse_than_eager` "
-          f"allows a relative excess of 1e-3 (float32 round-off).",
+          "allows a relative excess of 1e-3 (float32 round-off).",
           "* **Counted work** (`bench.harness.layer_work`): reference 12·M·C_out·D FLOP per step; "
           "statistics 4·M·D² FLOP; solver 2·C_out·d² FLOP per step (d = D during the channel "
           "ramp, keep·D after), M = N·H·W, D = C_in·k². Bytes: inputs/outputs read or written "

@@ -6,12 +6,14 @@ interwoven (Bai et al., AAAI 2020). See README.md for a tour.
 
 Public API:
     distill_layer, DistillResult          compress one layer
+    compress, CompressionReport           compress a whole network from a few samples
     LayerStatistics                       streaming Gram statistics of a layer
     ChannelPrune, WeightPrune, NMSparsity,
     GroupLasso, L1, Quantize              compression constraints
     LossSpec, ActivationSpec              the loss family
     backends                              which kernels can run here
 """
+from .compress import CompressionReport, compress
 from .constraints import L1, ChannelPrune, GroupLasso, NMSparsity, Quantize, WeightPrune
 from .dispatch import BackendUnavailable, backends
 from .distill import DistillResult, distill_layer
@@ -22,11 +24,7 @@ from .statistics import LayerStatistics
 __version__ = "0.1.0"
 
 __all__ = [
-    "distill_layer", "DistillResult", "LayerStatistics", "LayerGeometry",
+    "distill_layer", "DistillResult", "compress", "CompressionReport", "LayerStatistics", "LayerGeometry",
     "ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize",
     "LossSpec", "ActivationSpec", "backends", "BackendUnavailable",
 ]
-
-from .compress import CompressionReport, compress  # noqa: E402
-
-__all__ += ["compress", "CompressionReport"]

@@ -179,7 +179,6 @@ def _lasso(a, b, lam, beta=None, iters=500):
 def _cp_select(a, b, k):
     """LASSO channel selection (He et al. 2017): raise λ until at most ``k`` β_i ≠ 0,
     keep the ``k`` largest ``|β_i|`` (bisection on λ)."""
-    C = a.shape[0]
     scale = float(a.diagonal().mean() + 1e-300)
     an, bn = a / scale, b / scale
     lo, hi = 0.0, float(2 * bn.abs().max() + 2 * an.abs().sum(1).max()) + 1e-12  # β = 0 at hi

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 
 def _compression(args):
@@ -41,7 +40,6 @@ def cmd_compress(args) -> int:
 
     from .compress import compress
     from .data import few_shot, load_fashion_mnist
-    from .models import count_parameters
     from .train import evaluate, train_teacher
 
     teacher = train_teacher(args.model, epochs=args.epochs).eval()

@@ -15,12 +15,11 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from .constraints import ChannelPrune, normalize
+from .constraints import normalize
 from .distill import distill_layer
 from .statistics import LayerStatistics
 from .surgery import fold_batchnorm, shrink_channels

@@ -21,7 +21,6 @@ All functions work on the matrix view ``(G, C_out/G, D[+1])`` of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from . import dispatch
 from ._validation import check_pair, check_positive_float, check_positive_int
-from .constraints import ConstraintPlan, quantize
+from .constraints import ConstraintPlan
 from .geometry import LayerGeometry
 from .losses import ActivationSpec, LossSpec, Quadratic
 from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve, refit_scale

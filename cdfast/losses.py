@@ -53,7 +53,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .geometry import LayerGeometry
 

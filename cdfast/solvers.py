@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .constraints import ConstraintPlan, channel_norms, expand_channels, nm_mask, quantize
+from .constraints import ConstraintPlan, expand_channels, nm_mask, quantize
 from .losses import Quadratic, robust_cholesky
 
 __all__ = ["SolverConfig", "gram_iterative", "data_iterative", "exact_solve", "refit_scale"]
