@@ -52,6 +52,25 @@ class SolverConfig:
     log_every: int = 0  # 0 → about 100 points of history
 
 
+def _fused_adam_works(like: torch.Tensor) -> bool:
+    """Whether ``torch._fused_adam_`` runs for this dtype and device (checked once each)."""
+    key = (like.dtype, like.device.type)
+    if key not in _FUSED_ADAM:
+        try:
+            p = torch.zeros(2, dtype=like.dtype, device=like.device)
+            g = torch.ones_like(p)
+            torch._fused_adam_([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], [],
+                               [torch.ones((), device=like.device)], lr=0.1, beta1=0.9, beta2=0.999,
+                               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+            _FUSED_ADAM[key] = bool(torch.allclose(p, torch.full_like(p, -0.1)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _FUSED_ADAM[key] = False
+    return _FUSED_ADAM[key]
+
+
+_FUSED_ADAM: dict = {}
+
+
 class _Optimizer:
     """Adam or SGD+momentum on one tensor with masked state (torch.optim's formulas)."""
 
@@ -60,6 +79,8 @@ class _Optimizer:
         self.m = torch.zeros_like(like)
         self.v = torch.zeros_like(like) if cfg.solver == "adam" else None
         self.t = 0
+        self._fused = self.v is not None and _fused_adam_works(like)
+        self._step = torch.zeros((), dtype=torch.float32, device=like.device)
 
     def compact(self, cols: torch.Tensor) -> None:
         self.m = self.m[..., cols].contiguous()
@@ -82,6 +103,13 @@ class _Optimizer:
             W.add_(self.m, alpha=-lr)
             return
         b1, b2 = cfg.betas
+        if self._fused:
+            # torch's fused Adam kernel: the same update as torch.optim.Adam in one pass
+            # instead of eight elementwise launches (a small layer's step is launch-bound).
+            self._step.fill_(self.t)
+            torch._fused_adam_([W], [grad], [self.m], [self.v], [], [self._step], lr=lr, beta1=b1, beta2=b2,
+                               weight_decay=0.0, eps=cfg.eps, amsgrad=False, maximize=False)
+            return
         self.m.lerp_(grad, 1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         step_size = lr / (1 - b1 ** self.t)
