@@ -99,7 +99,7 @@ GRID = {
             "scale_n": (10, 30, 100, 300), "scale_n_steps": 50,
             "scale_cin": (16, 32, 64, 128, 256), "scale_d_n": 20, "scale_d_steps": 50,
             "headline_steps": 3000,
-            "models": ("resnet56", "vgg_small"), "model_n": 50, "model_steps": 100},
+            "models": ("resnet56", "vgg_small"), "model_n": 50, "model_steps": 3000},
 }
 # --quick: the smallest size of every case family. ImageNet-style: the 64-channel
 # layer only; whole models: the smallest of each style (ResNet-20, the 6-conv VGG).
