@@ -29,6 +29,15 @@ namespace {
 
 constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this, one thread
 
+// This thread's index inside an OpenMP parallel region (0 without OpenMP).
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 int threads_for(int64_t work, int nthreads) {
   if (nthreads < 1) nthreads = 1;
   if (work < kSerialBelow) return 1;
@@ -96,11 +105,7 @@ void group_shrink_impl(const T* __restrict in, T* __restrict out, int64_t G, int
   const double tiny = static_cast<double>(std::numeric_limits<T>::min());
 #pragma omp parallel num_threads(nthr)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_id();
     double* mine = sq.data() + static_cast<size_t>(tid) * G * wc;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -213,11 +218,7 @@ void topk_mask_impl(const T* __restrict s, bool* __restrict out, int64_t n, int6
   std::vector<int64_t> hist(static_cast<size_t>(nthr) * kBins0, 0);
 #pragma omp parallel num_threads(nthr)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_id();
     const int64_t lo = n * tid / nthr, hi = n * (tid + 1) / nthr;
     int64_t* h = hist.data() + static_cast<size_t>(tid) * kBins0;
     for (int64_t i = lo; i < hi; ++i) ++h[K::key(s[i]) >> shift0];
@@ -241,11 +242,7 @@ void topk_mask_impl(const T* __restrict s, bool* __restrict out, int64_t n, int6
   for (int th = 0; th < nthr; ++th) offset[th + 1] = offset[th] + hist[static_cast<size_t>(th) * kBins0 + b];
 #pragma omp parallel num_threads(nthr)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_id();
     const int64_t lo = n * tid / nthr, hi = n * (tid + 1) / nthr;
     U* dst = cand.data() + offset[tid];
     const U want = static_cast<U>(b);
@@ -284,11 +281,7 @@ void topk_mask_impl(const T* __restrict s, bool* __restrict out, int64_t n, int6
   std::vector<int64_t> eq(static_cast<size_t>(nthr) + 1, 0);
 #pragma omp parallel num_threads(nthr)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_id();
     const int64_t lo = n * tid / nthr, hi = n * (tid + 1) / nthr;
     int64_t c = 0;
     for (int64_t i = lo; i < hi; ++i) {
