@@ -61,11 +61,17 @@ def cmd_compress(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from .experiment import markdown, run_experiment, write_outputs
+    import os
 
-    rows = run_experiment(models=args.models, tasks=args.tasks, ks=args.ks, seeds=args.seeds,
-                          solver=args.solver, steps=args.steps, epochs=args.epochs, test_limit=args.test_limit)
-    paths = write_outputs(rows, args.out)
+    from .experiment import markdown, read_rows, run_experiment, write_outputs
+
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "results.csv")
+    rows = run_experiment(models=args.models, tasks=args.tasks, ks=args.ks, seeds=args.seeds, methods=args.methods,
+                          solver=args.solver, steps=args.steps, epochs=args.epochs, test_limit=args.test_limit,
+                          csv_path=csv_path)
+    # the tables cover every row in the folder: earlier runs with other models or tasks included
+    paths = write_outputs(read_rows(csv_path) if os.path.exists(csv_path) else rows, args.out)
     print(markdown(rows))
     print(json.dumps(paths, indent=1))
     return 0
@@ -125,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", default=["channel"], choices=["channel", "weight", "w4", "w2"])
     e.add_argument("--ks", nargs="+", type=int, default=[1, 2, 5, 10])
     e.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    e.add_argument("--methods", nargs="+", default=None,
+                   help="run only these methods (default: every method of each task)")
     e.add_argument("--solver", default="exact", choices=["adam", "sgd", "exact"])
     e.add_argument("--steps", type=int, default=3000)
     e.add_argument("--epochs", type=int, default=3)
     e.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
-    e.add_argument("--out", default="docs/results")
+    e.add_argument("--out", default="docs/results",
+                   help="folder of results.csv (appended row by row; a rerun skips rows already there), "
+                        "results.md and the plots")
     e.set_defaults(func=cmd_experiment)
 
     st = sub.add_parser("study", help="per-layer drift of cross vs nc against M/D")

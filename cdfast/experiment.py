@@ -30,7 +30,7 @@ from .data import few_shot, load_fashion_mnist
 from .models import count_parameters
 from .train import evaluate, train_teacher
 
-__all__ = ["run_experiment", "write_outputs", "METHODS", "TASKS"]
+__all__ = ["run_experiment", "write_outputs", "read_rows", "METHODS", "TASKS"]
 
 TASKS = ("channel", "weight", "w4", "w2")
 LABELS = {"teacher": "Teacher", "l1": "L1-norm", "bp": "BP", "fitnet": "FitNet", "fskd": "FSKD",
@@ -96,25 +96,74 @@ def naive_compress(teacher: nn.Module, comp) -> nn.Module:
     return student
 
 
+def read_rows(path: str | os.PathLike) -> list[Row]:
+    """The rows of a ``results.csv`` written by :func:`run_experiment` or :func:`write_outputs`."""
+    with open(path, newline="") as f:
+        return [Row(r["model"], r["task"], r["method"], int(r["k"]), int(r["seed"]), float(r["accuracy"]),
+                    int(r["params"]), float(r["seconds"])) for r in csv.DictReader(f)]
+
+
+def _append_row(path: str, row: Row) -> None:
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(row)))
+        if new:
+            w.writeheader()
+        w.writerow(asdict(row))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), seeds=(0, 1, 2),
                    methods: dict | None = None, solver: str = "exact", steps: int = 3000, epochs: int = 3,
-                   test_limit: int | None = None, data_root: str | None = None, log=print) -> list[Row]:
-    """Run the grid; returns one :class:`Row` per (model, task, method, K, seed)."""
+                   test_limit: int | None = None, data_root: str | None = None, log=print,
+                   csv_path: str | os.PathLike | None = None, teacher_options: dict | None = None) -> list[Row]:
+    """Run the grid; returns one :class:`Row` per (model, task, method, K, seed).
+
+    Args:
+        methods: task → methods to run (default :data:`METHODS`); a plain sequence of
+            method names keeps, for every task, those of its default methods.
+        csv_path: where each row is appended (and flushed) as soon as it is measured.
+            Rows already in that file are not run again, so an experiment that was
+            interrupted resumes where it stopped; the returned list holds the old rows
+            of the requested grid as well as the new ones.
+        teacher_options: extra keyword arguments of :func:`cdfast.train.train_teacher`
+            (``cache_dir``, ``max_train``, …).
+    """
+    if methods is not None and not isinstance(methods, dict):
+        chosen = list(methods)
+        unknown = sorted(set(chosen) - set(LABELS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; expected some of {sorted(LABELS)}")
+        methods = {t: tuple(m for m in METHODS[t] if m in chosen) for t in TASKS}
+    unknown_tasks = sorted(set(tasks) - set(TASKS))
+    if unknown_tasks:
+        raise ValueError(f"tasks: unknown {unknown_tasks}; expected some of {list(TASKS)}")
+    done: dict[tuple, Row] = {}
+    if csv_path is not None and os.path.exists(csv_path) and os.path.getsize(csv_path) > 0:
+        done = {(r.model, r.task, r.method, r.k, r.seed): r for r in read_rows(csv_path)}
     train = load_fashion_mnist("train", data_root)
     test = load_fashion_mnist("test", data_root)
     if test_limit:
         test = torch.utils.data.TensorDataset(*(t[:test_limit] for t in test.tensors))
     rows: list[Row] = []
     for model_name in models:
-        teacher = train_teacher(model_name, epochs=epochs).eval()
-        acc_t = evaluate(teacher, test)
-        log(f"teacher {model_name}: {acc_t:.2f}% on {len(test)} test images")
+        teacher, acc_t = None, None
         for task in tasks:
             for k in ks:
                 for seed in seeds:
                     shot = few_shot(train, k, seed=seed)
                     x, y = shot.tensors
                     for method in (methods or METHODS)[task]:
+                        key = (model_name, task, method, k, seed)
+                        if key in done:
+                            rows.append(done[key])
+                            continue
+                        if teacher is None:  # only when something is left to run
+                            teacher = train_teacher(model_name, epochs=epochs, root=data_root,
+                                                    **(teacher_options or {})).eval()
+                            acc_t = evaluate(teacher, test)
+                            log(f"teacher {model_name}: {acc_t:.2f}% on {len(test)} test images")
                         t0 = time.perf_counter()
                         if method == "teacher":
                             model, acc = teacher, acc_t
@@ -126,6 +175,8 @@ def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), s
                                         time.perf_counter() - t0))
                         log(f"{model_name:10s} {task:8s} K={k:<3d} seed={seed} {LABELS[method]:18s} "
                             f"{acc:6.2f}%  {rows[-1].params:8d} params  {rows[-1].seconds:6.1f}s")
+                        if csv_path is not None:
+                            _append_row(str(csv_path), rows[-1])
     return rows
 
 
@@ -169,6 +220,8 @@ def markdown(rows: list[Row]) -> str:
 
 def write_outputs(rows: list[Row], out_dir: str) -> dict:
     """Write ``results.csv``, ``results.md`` and one ``accuracy_<model>_<task>.png`` per panel."""
+    if not rows:
+        raise ValueError("rows: expected at least one measured row, got none")
     os.makedirs(out_dir, exist_ok=True)
     paths = {"csv": os.path.join(out_dir, "results.csv"), "md": os.path.join(out_dir, "results.md")}
     with open(paths["csv"], "w", newline="") as f:
