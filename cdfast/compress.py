@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +29,7 @@ from .walk import as_sequence, capture_input, execution_order, run_blocks
 __all__ = ["compress", "CompressionReport", "POLICIES"]
 
 POLICIES = ("all", "skip_first", "resnet")
+_INTERNAL_CONV = re.compile(r"(?:^|\.)conv(\d+)$")  # a block's convN (CIFAR and torchvision naming)
 
 
 @dataclass
@@ -107,8 +109,9 @@ def _policy(policy: str, order: list[str], model: nn.Module) -> dict[str, str]:
             actions[n] = "compress"
         elif policy == "skip_first":
             actions[n] = "skip" if n == first_conv else ("compress" if isinstance(m, nn.Conv2d) else "refit")
-        else:  # resnet: prune only the input of each block's second conv (SPEC §4)
-            actions[n] = "skip" if n == first_conv else ("compress" if n.endswith("conv2") else "refit")
+        else:  # resnet: prune only block-internal channels, the inputs of conv2 (and a bottleneck's conv3)
+            internal = _INTERNAL_CONV.search(n) is not None and int(_INTERNAL_CONV.search(n).group(1)) >= 2
+            actions[n] = "skip" if n == first_conv else ("compress" if internal else "refit")
     return actions
 
 
@@ -135,8 +138,9 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         loss, mu, solver, steps, lr: as :func:`cdfast.distill_layer` (defaults: the
             authors' ResNet-56 settings, μ=0.9, lr=1e-3).
         policy: ``"skip_first"`` (default: the first conv untouched, convs compressed,
-            Linear layers refit), ``"all"``, or ``"resnet"`` (compress only each
-            block's ``conv2`` input channels, refit the rest).
+            Linear layers refit), ``"all"``, or ``"resnet"`` (compress only the
+            block-internal channels, the inputs of each block's ``conv2`` and, in a
+            bottleneck, ``conv3``; refit the rest, so residual widths are unchanged).
         overrides: per-layer keyword overrides by module name, e.g.
             ``{"blocks.0.conv2": {"compression": None, "steps": 500}}``; an override
             ``{"action": "skip"}`` leaves the layer untouched.
