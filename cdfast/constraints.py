@@ -21,6 +21,7 @@ All functions work on the matrix view ``(G, C_out/G, D[+1])`` of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -311,23 +312,54 @@ class ConstraintPlan:
 
         Returns True when the mask changed.
         """
+        changed = self.update_mask(W, step)
+        for p in self.penalties:
+            t = lr * p.strength
+            if t == 0:
+                continue
+            if isinstance(p, L1):
+                W[..., :self.geometry.cols] = self.ops["soft_threshold"](W[..., :self.geometry.cols], t)
+            else:
+                W.copy_(self.ops["group_shrink"](W, self.geometry, t))
+        if changed:
+            W.mul_(self.mask)
+        return changed
+
+    def channel_budget(self, step: int) -> int:
+        """Input channels kept per group at ``step ≤ ramp_end``: linear from all of them
+        down to the target (the authors' top-k schedule)."""
+        frac = (self.ramp_float - step) / self.ramp_float if self.ramp_float > 0 else 0.0
+        return int((self.geometry.group_in - self.target_channels) * frac) + self.target_channels
+
+    def weight_budget(self, step: int) -> int:
+        """Weights kept at ``step ≤ ramp_end``: density linear from 1 down to the target."""
+        frac = (self.ramp_end - step) / self.ramp_end if self.ramp_end > 0 else 0.0
+        ratio = self.weight.density + (1 - self.weight.density) * frac
+        return int(self.numel * ratio + 1e-9)
+
+    def schedule_active(self, step: int) -> bool:
+        """Whether :meth:`update_mask` can still change the mask at ``step``."""
+        return ((self.channel is not None or self.weight is not None) and step <= self.ramp_end) or (
+            self.nm is not None and step == self.ramp_end)
+
+    def update_mask(self, W: torch.Tensor, step: int,
+                    norms_fn: Callable[[], torch.Tensor] | None = None) -> bool:
+        """The budget schedules at step ``step``: shrink the mask (not ``W``) to the
+        channels / weights of largest magnitude in ``W``. ``norms_fn`` computes the
+        per-group channel norms of ``W`` (a backend passes its own kernel); it is only
+        called when the channel budget drops. Returns True when the mask changed."""
         changed = False
         g = self.geometry
         if self.channel is not None and step <= self.ramp_end:
-            frac = (self.ramp_float - step) / self.ramp_float if self.ramp_float > 0 else 0.0
-            k = int((g.group_in - self.target_channels) * frac) + self.target_channels
+            k = self.channel_budget(step)
             if k < self._channels_prev:
-                norms = channel_norms(W, g)
+                norms = norms_fn() if norms_fn is not None else channel_norms(W, g)
                 keep = torch.stack([self.ops["topk_mask"](norms[i], k) for i in range(g.groups)])
                 self.mask &= expand_channels(keep, g, self.cols).expand_as(self.mask)
                 self._channels_prev = k
                 changed = True
         if self.weight is not None and step <= self.ramp_end:
-            frac = (self.ramp_end - step) / self.ramp_end if self.ramp_end > 0 else 0.0
-            ratio = self.weight.density + (1 - self.weight.density) * frac
-            k = int(self.numel * ratio + 1e-9)
-            scores = W[..., :g.cols].abs()
-            keep = self.ops["topk_mask"](scores, k)
+            keep = self.ops["topk_mask"](W[..., :g.cols].abs(), self.weight_budget(step))
             new = self.mask.clone()
             new[..., :g.cols] &= keep
             changed = not torch.equal(new, self.mask)
@@ -337,16 +369,6 @@ class ConstraintPlan:
             changed = True
         if step >= self.ramp_end:
             self.mask_fixed = True
-        for p in self.penalties:
-            t = lr * p.strength
-            if t == 0:
-                continue
-            if isinstance(p, L1):
-                W[..., :g.cols] = self.ops["soft_threshold"](W[..., :g.cols], t)
-            else:
-                W.copy_(self.ops["group_shrink"](W, g, t))
-        if changed:
-            W.mul_(self.mask)
         return changed
 
     # -- results

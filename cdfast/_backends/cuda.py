@@ -63,7 +63,6 @@ def _schedule(plan, cfg, numel_w: int):
     """Per-step constants, computed exactly as ConstraintPlan/_Optimizer compute them."""
     steps = cfg.steps
     b1, b2 = cfg.betas
-    g = plan.geometry
     sched_f, sched_i = [], []
     prev = getattr(plan, "_channels_prev", None)
     from ..solvers import _log_every
@@ -76,15 +75,12 @@ def _schedule(plan, cfg, numel_w: int):
         sched_f.append((lr_i, lr_i / (1 - b1 ** t), math.sqrt(1 - b2 ** t)))
         chan_k = 0
         if plan.channel is not None and i <= plan.ramp_end:
-            frac = (plan.ramp_float - i) / plan.ramp_float if plan.ramp_float > 0 else 0.0
-            k = int((g.group_in - plan.target_channels) * frac) + plan.target_channels
+            k = plan.channel_budget(i)
             if k < prev:
                 chan_k, prev = k, k
         weight_k = -1
         if plan.weight is not None and i <= plan.ramp_end:
-            frac = (plan.ramp_end - i) / plan.ramp_end if plan.ramp_end > 0 else 0.0
-            ratio = plan.weight.density + (1 - plan.weight.density) * frac
-            k = int(plan.numel * ratio + 1e-9)
+            k = plan.weight_budget(i)
             weight_k = k if k < numel_w else -1  # keeping everything changes nothing
         slot = -1
         if i % every == 0 or i == steps - 1:

@@ -423,46 +423,16 @@ class _GramStepper:
         self.counter.add_(1)
 
 
-def _schedule_active(plan, step: int) -> bool:
-    return ((plan.channel is not None or plan.weight is not None) and step <= plan.ramp_end) or (
-        plan.nm is not None and step == plan.ramp_end)
-
-
 def _after_step(plan, st: _GramStepper, step: int, lr: float, skip_first: bool) -> bool:
     """:meth:`ConstraintPlan.after_step` with the channel norms and the proximal maps on
     the Triton kernels (same order: schedules, then penalties, then the mask)."""
-    changed = False
-    g = plan.geometry
-    W = st.W
-    if plan.channel is not None and step <= plan.ramp_end:
-        frac = (plan.ramp_float - step) / plan.ramp_float if plan.ramp_float > 0 else 0.0
-        k = int((g.group_in - plan.target_channels) * frac) + plan.target_channels
-        if k < plan._channels_prev:
-            norms = st.channel_norms()
-            keep = torch.stack([plan.ops["topk_mask"](norms[i], k) for i in range(g.groups)])
-            plan.mask &= C.expand_channels(keep, g, plan.cols).expand_as(plan.mask)
-            plan._channels_prev = k
-            changed = True
-    if plan.weight is not None and step <= plan.ramp_end:
-        frac = (plan.ramp_end - step) / plan.ramp_end if plan.ramp_end > 0 else 0.0
-        ratio = plan.weight.density + (1 - plan.weight.density) * frac
-        k = int(plan.numel * ratio + 1e-9)
-        keep = plan.ops["topk_mask"](W[..., :g.cols].abs(), k)
-        new = plan.mask.clone()
-        new[..., :g.cols] &= keep
-        changed = not torch.equal(new, plan.mask)
-        plan.mask = new
-    if plan.nm is not None and step == plan.ramp_end:
-        plan.mask &= C.nm_mask(W.abs(), g, plan.nm.n, plan.nm.m)
-        changed = True
-    if step >= plan.ramp_end:
-        plan.mask_fixed = True
+    changed = plan.update_mask(st.W, step, norms_fn=st.channel_norms)
     for j, p in enumerate(plan.penalties):
         if (j == 0 and skip_first) or lr * p.strength == 0:
             continue
         st.penalty(j)
     if changed:
-        W.mul_(plan.mask)
+        st.W.mul_(plan.mask)
     return changed
 
 
@@ -521,7 +491,7 @@ def gram_solve(quad, plan, cfg):
         mask = None if cols is not None or mask_all else plan.mask
         wc = plan.geometry.cols if cols is None else _weight_cols(plan, cols)
         lr = cfg.lr * plan.lr_factor(i)
-        sched = cols is None and _schedule_active(plan, i)
+        sched = cols is None and plan.schedule_active(i)
         fuse = (cols is None and bool(plan.penalties) and isinstance(plan.penalties[0], C.L1)
                 and not sched and lr * plan.penalties[0].strength != 0)
 
