@@ -200,18 +200,25 @@ def summarize(rows: list[Row]) -> dict:
     return out
 
 
+def _cell(stat: tuple, n_full: int) -> str:
+    mean, std, n = stat[:3]
+    return f"{mean:.2f} ± {std:.2f}" + (f" (n={n})" if n < n_full else "")  # a cell with fewer seeds says so
+
+
 def markdown(rows: list[Row]) -> str:
+    """One table per (model, task): mean ± std over seeds for each method and K."""
     summ = summarize(rows)
     lines = []
     for model, task in dict.fromkeys((r.model, r.task) for r in rows):
         ks = sorted({r.k for r in rows if r.model == model and r.task == task})
+        n_full = max(v[2] for (m_, t_, _), by_k in summ.items() if (m_, t_) == (model, task) for v in by_k.values())
         lines.append(f"\n### {model}, {task}\n")
         lines.append("| method | params | " + " | ".join(f"K={k}" for k in ks) + " | seconds |")
         lines.append("| --- | --- | " + " | ".join("---" for _ in ks) + " | --- |")
         for (m_, t_, method), by_k in summ.items():
             if (m_, t_) != (model, task):
                 continue
-            cells = [f"{by_k[k][0]:.2f} ± {by_k[k][1]:.2f}" if k in by_k else "" for k in ks]
+            cells = [_cell(by_k[k], n_full) if k in by_k else "" for k in ks]
             params = next(iter(by_k.values()))[3]
             secs = sum(v[4] for v in by_k.values()) / len(by_k)
             lines.append(f"| {LABELS[method]} | {params:,} | " + " | ".join(cells) + f" | {secs:.1f} |")

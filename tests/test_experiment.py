@@ -1,15 +1,16 @@
-"""The experiment grid on real data: rows, outputs, and resume after an interruption.
+"""The experiment grid: rows, tables, outputs, and resume after an interruption.
 
-Needs Debian's ``dataset-fashion-mnist`` (CI installs it); skips cleanly without it.
+The real-data test needs Debian's ``dataset-fashion-mnist`` (CI installs it) and
+skips cleanly without it; the table and validation tests run everywhere.
 """
 import os
 
 import pytest
 
-from cdfast.experiment import markdown, read_rows, run_experiment, write_outputs
+from cdfast.experiment import Row, markdown, read_rows, run_experiment, write_outputs
 
 ROOT = os.environ.get("CDFAST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not os.path.isdir(ROOT), reason="Fashion-MNIST not installed "
+needs_data = pytest.mark.skipif(not os.path.isdir(ROOT), reason="Fashion-MNIST not installed "
                                 "(apt-get install dataset-fashion-mnist)")
 
 
@@ -19,6 +20,7 @@ def _grid(tmp_path, ks, log):
                           teacher_options={"max_train": 6000, "cache_dir": tmp_path / "cache", "progress": False})
 
 
+@needs_data
 def test_experiment_appends_rows_and_resumes(tmp_path):
     first_log: list[str] = []
     rows = _grid(tmp_path, (1,), first_log.append)
@@ -49,3 +51,12 @@ def test_experiment_rejects_unknown_names(tmp_path):
         run_experiment(models=("small_cnn",), tasks=("prune",), csv_path=tmp_path / "r.csv")
     with pytest.raises(ValueError, match="rows"):
         write_outputs([], str(tmp_path))
+
+
+def test_table_mean_std_and_incomplete_cells():
+    rows = [Row("m", "channel", "cross", 1, s, acc, 100, 1.0) for s, acc in enumerate((80.0, 82.0, 84.0))]
+    rows += [Row("m", "channel", "cross", 5, 0, 90.0, 100, 1.0)]  # one seed of three so far
+    rows += [Row("m", "channel", "nc", 1, s, 70.0 + s, 100, 1.0) for s in range(3)]
+    table = markdown(rows)
+    assert "| Ours | 100 | 82.00 ± 2.00 | 90.00 ± 0.00 (n=1) |" in table
+    assert "| Ours-NC | 100 | 71.00 ± 1.00 |  |" in table
