@@ -46,6 +46,10 @@ quantity it measures, so float32 statistics do not lose the loss to cancellation
 computed with ``H_δ = H + δ·mean(diag H)·I`` (``δ = damping``, default 1e-6), which
 picks the minimiser closest to the teacher along directions the data cannot see;
 the loss and gradient that the solvers use never involve ``H⁻¹`` and stay exact.
+``δ`` is never below ``ε·D``, ``ε`` the machine epsilon of the statistics' dtype:
+float32 statistics are only that accurate, and a smaller ``δ`` would fit the rounding
+noise of the null space of ``H`` (a refit classifier with fewer samples than features
+grew its weight norm 200-fold that way).
 """
 from __future__ import annotations
 
@@ -264,6 +268,10 @@ class Quadratic:
         Fm = torch.bmm(a, K.transpose(1, 2))
         f0 = e_coef * (torch.bmm(a, g_ee) * a).sum() if e_coef else a.new_zeros(())
         scale = 1.0 / (stats.rows * teacher_matrix.shape[0] * teacher_matrix.shape[1])
+        # H and F carry the rounding of the statistics' dtype, about ε·D·mean(diag H) in
+        # spectral norm; damping below that would invert rounding noise along the null
+        # space of H (M < D), so δ never goes under it.
+        damping = max(damping, torch.finfo(stats.dtype).eps * H.shape[-1])
         return cls(H, Fm, a, f0, scale, damping)
 
     def restrict(self, cols: torch.Tensor) -> "Quadratic":
