@@ -24,7 +24,10 @@ import torch.nn as nn
 from .compress import compress
 from .constraints import ChannelPrune
 
-__all__ = ["layer_drift", "crossing_study", "plot_study"]
+__all__ = ["layer_drift", "crossing_study", "summarize_study", "write_study", "plot_study"]
+
+#: M/D buckets of the summary table (lower edges).
+BUCKETS = (0.0, 1.0, 2.0, 4.0, 16.0, 64.0)
 
 
 def layer_drift(teacher: nn.Module, student: nn.Module, x: torch.Tensor, names: list[str],
@@ -77,14 +80,45 @@ def crossing_study(teacher: nn.Module, train_x_by_seed: dict, held_out: torch.Te
     return rows
 
 
+def summarize_study(rows: list[dict]) -> str:
+    """A Markdown table: per M/D bucket, how many layers, the geometric mean of the drift
+    ratio cross/nc, and in how many crossing lowered the drift. The last fitted layer of
+    each draw (the classifier, which is only refit) is listed apart from the others."""
+    import math
+
+    last = {}
+    for r in rows:
+        last[(r["k"], r["seed"])] = r["layer"]
+    groups = {"conv": [r for r in rows if r["layer"] != last[(r["k"], r["seed"])]],
+              "classifier": [r for r in rows if r["layer"] == last[(r["k"], r["seed"])]]}
+    edges = list(BUCKETS) + [math.inf]
+    lines = ["| layers | M/D | count | geometric-mean drift ratio cross / nc | cross lowers the drift in |",
+             "| --- | --- | --- | --- | --- |"]
+    for kind, rs in groups.items():
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = [float(r["ratio"]) for r in rs if lo <= float(r["m_over_d"]) < hi and float(r["ratio"]) > 0]
+            if not sel:
+                continue
+            gm = math.exp(sum(math.log(v) for v in sel) / len(sel))
+            span = f"≥ {lo:g}" if hi == math.inf else (f"< {hi:g}" if lo == 0 else f"{lo:g} – {hi:g}")
+            lines.append(f"| {kind} | {span} | {len(sel)} | {gm:.3f} | {sum(v < 1 for v in sel)} / {len(sel)} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_study(rows: list[dict], out_dir: str) -> dict:
+    """Write ``crossing_study.csv``, the summary ``crossing_study.md`` and the scatter plot."""
+    if not rows:
+        raise ValueError("rows: expected at least one study row, got none")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "crossing_study.csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    return {"csv": path, "png": plot_study(rows, os.path.join(out_dir, "crossing_study.png"))}
+    md = os.path.join(out_dir, "crossing_study.md")
+    with open(md, "w") as f:
+        f.write(summarize_study(rows))
+    return {"csv": path, "md": md, "png": plot_study(rows, os.path.join(out_dir, "crossing_study.png"))}
 
 
 def plot_study(rows: list[dict], path: str) -> str:
