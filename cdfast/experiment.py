@@ -245,24 +245,32 @@ def write_outputs(rows: list[Row], out_dir: str) -> dict:
 
     summ = summarize(rows)
     for model, task in dict.fromkeys((r.model, r.task) for r in rows):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (m_, t_, method), by_k in summ.items():
-            if (m_, t_) != (model, task):
-                continue
-            ks = sorted(by_k)
-            ax.errorbar(ks, [by_k[k][0] for k in ks], yerr=[by_k[k][1] for k in ks], marker="o", capsize=3,
-                        label=LABELS[method], linestyle="--" if method == "teacher" else "-")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted({r.k for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("samples per class (K)")
-        ax.set_ylabel("top-1 accuracy on 10,000 test images (%)")
-        ax.set_title(f"Fashion-MNIST, {model}, {task}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        panel = {m: by_k for (m_, t_, m), by_k in summ.items() if (m_, t_) == (model, task)}
+        # the right panel zooms on the methods within 15 points of the best student
+        best = max((v[0] for m, by_k in panel.items() if m != "teacher" for v in by_k.values()), default=0.0)
+        close = {m for m, by_k in panel.items() if min(v[0] for v in by_k.values()) >= best - 15.0}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, members, title in ((axes[0], set(panel), "all methods"),
+                                   (axes[1], close, "within 15 points of the best")):
+            for i, (method, by_k) in enumerate(panel.items()):
+                if method not in members:
+                    continue
+                ks = sorted(by_k)
+                ax.errorbar(ks, [by_k[k][0] for k in ks], yerr=[by_k[k][1] for k in ks], marker="o", capsize=3,
+                            label=LABELS[method], color=f"C{i % 10}",
+                            linestyle="--" if method == "teacher" else "-")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted({r.k for r in rows}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("samples per class (K)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+        axes[0].set_ylabel("top-1 accuracy on the test set (%)")
+        fig.suptitle(f"Fashion-MNIST, {model}, {task}")
         fig.tight_layout()
         path = os.path.join(out_dir, f"accuracy_{model}_{task}.png")
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         paths[f"{model}_{task}"] = path
     return paths
