@@ -114,6 +114,24 @@ def _append_row(path: str, row: Row) -> None:
         os.fsync(f.fileno())
 
 
+def _check_settings(csv_path, settings: dict) -> None:
+    """Rows in one CSV must come from one set of settings: the first run records them
+    beside the CSV (``<name>.settings.json``) and a resume with others is refused."""
+    import json
+
+    path = os.path.splitext(str(csv_path))[0] + ".settings.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != settings:
+            raise ValueError(f"csv_path: {csv_path} holds rows measured with {recorded}, not {settings}; "
+                             "write to another folder (--out) or delete it")
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
 def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), seeds=(0, 1, 2),
                    methods: dict | None = None, solver: str = "exact", steps: int = 3000, epochs: int = 3,
                    test_limit: int | None = None, data_root: str | None = None, log=print,
@@ -126,7 +144,9 @@ def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), s
         csv_path: where each row is appended (and flushed) as soon as it is measured.
             Rows already in that file are not run again, so an experiment that was
             interrupted resumes where it stopped; the returned list holds the old rows
-            of the requested grid as well as the new ones.
+            of the requested grid as well as the new ones. The solver, steps, epochs
+            and test limit are recorded beside it, and resuming with others raises
+            ``ValueError``.
         teacher_options: extra keyword arguments of :func:`cdfast.train.train_teacher`
             (``cache_dir``, ``max_train``, …).
     """
@@ -140,8 +160,10 @@ def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), s
     if unknown_tasks:
         raise ValueError(f"tasks: unknown {unknown_tasks}; expected some of {list(TASKS)}")
     done: dict[tuple, Row] = {}
-    if csv_path is not None and os.path.exists(csv_path) and os.path.getsize(csv_path) > 0:
-        done = {(r.model, r.task, r.method, r.k, r.seed): r for r in read_rows(csv_path)}
+    if csv_path is not None:
+        _check_settings(csv_path, {"solver": solver, "steps": steps, "epochs": epochs, "test_limit": test_limit})
+        if os.path.exists(csv_path) and os.path.getsize(csv_path) > 0:
+            done = {(r.model, r.task, r.method, r.k, r.seed): r for r in read_rows(csv_path)}
     train = load_fashion_mnist("train", data_root)
     test = load_fashion_mnist("test", data_root)
     if test_limit:

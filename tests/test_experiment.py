@@ -38,6 +38,11 @@ def test_experiment_appends_rows_and_resumes(tmp_path):
     assert sum("K=2 " in line for line in second_log) == 3
     assert read_rows(tmp_path / "results.csv") == rows2
 
+    # rows measured with other settings are never mixed into the same file
+    with pytest.raises(ValueError, match="csv_path"):
+        run_experiment(models=("small_cnn",), tasks=("w4",), ks=(1,), seeds=(0,), solver="adam",
+                       csv_path=tmp_path / "results.csv")
+
     paths = write_outputs(rows2, str(tmp_path / "out"))
     assert os.path.getsize(paths["small_cnn_w4"]) > 0
     table = open(paths["md"]).read()
