@@ -65,8 +65,7 @@ def cmd_experiment(args) -> int:
 
     from .experiment import markdown, read_rows, run_experiment, write_outputs
 
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "results.csv")
+    csv_path = os.path.join(args.out, "results.csv")  # run_experiment creates the folder
     rows = run_experiment(models=args.models, tasks=args.tasks, ks=args.ks, seeds=args.seeds, methods=args.methods,
                           solver=args.solver, steps=args.steps, epochs=args.epochs, test_limit=args.test_limit,
                           csv_path=csv_path)

@@ -110,7 +110,8 @@ def _policy(policy: str, order: list[str], model: nn.Module) -> dict[str, str]:
         elif policy == "skip_first":
             actions[n] = "skip" if n == first_conv else ("compress" if isinstance(m, nn.Conv2d) else "refit")
         else:  # resnet: prune only block-internal channels, the inputs of conv2 (and a bottleneck's conv3)
-            internal = _INTERNAL_CONV.search(n) is not None and int(_INTERNAL_CONV.search(n).group(1)) >= 2
+            conv = _INTERNAL_CONV.search(n)
+            internal = conv is not None and int(conv.group(1)) >= 2
             actions[n] = "skip" if n == first_conv else ("compress" if internal else "refit")
     return actions
 

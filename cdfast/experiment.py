@@ -227,19 +227,23 @@ def _cell(stat: tuple, n_full: int) -> str:
     return f"{mean:.2f} ± {std:.2f}" + (f" (n={n})" if n < n_full else "")  # a cell with fewer seeds says so
 
 
+def _panels(rows: list[Row]):
+    """``(model, task, {method: {K: stats}})`` per (model, task), in the rows' order."""
+    summ = summarize(rows)
+    for model, task in dict.fromkeys((r.model, r.task) for r in rows):
+        yield model, task, {m: by_k for (m_, t_, m), by_k in summ.items() if (m_, t_) == (model, task)}
+
+
 def markdown(rows: list[Row]) -> str:
     """One table per (model, task): mean ± std over seeds for each method and K."""
-    summ = summarize(rows)
     lines = []
-    for model, task in dict.fromkeys((r.model, r.task) for r in rows):
-        ks = sorted({r.k for r in rows if r.model == model and r.task == task})
-        n_full = max(v[2] for (m_, t_, _), by_k in summ.items() if (m_, t_) == (model, task) for v in by_k.values())
+    for model, task, panel in _panels(rows):
+        ks = sorted({k for by_k in panel.values() for k in by_k})
+        n_full = max(v[2] for by_k in panel.values() for v in by_k.values())
         lines.append(f"\n### {model}, {task}\n")
         lines.append("| method | params | " + " | ".join(f"K={k}" for k in ks) + " | seconds |")
         lines.append("| --- | --- | " + " | ".join("---" for _ in ks) + " | --- |")
-        for (m_, t_, method), by_k in summ.items():
-            if (m_, t_) != (model, task):
-                continue
+        for method, by_k in panel.items():
             cells = [_cell(by_k[k], n_full) if k in by_k else "" for k in ks]
             params = next(iter(by_k.values()))[3]
             secs = sum(v[4] for v in by_k.values()) / len(by_k)
@@ -265,9 +269,7 @@ def write_outputs(rows: list[Row], out_dir: str) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summ = summarize(rows)
-    for model, task in dict.fromkeys((r.model, r.task) for r in rows):
-        panel = {m: by_k for (m_, t_, m), by_k in summ.items() if (m_, t_) == (model, task)}
+    for model, task, panel in _panels(rows):
         # the right panel zooms on the methods within 15 points of the best student
         best = max((v[0] for m, by_k in panel.items() if m != "teacher" for v in by_k.values()), default=0.0)
         close = {m for m, by_k in panel.items() if min(v[0] for v in by_k.values()) >= best - 15.0}

@@ -52,6 +52,9 @@ class SolverConfig:
     log_every: int = 0  # 0 → about 100 points of history
 
 
+_FUSED_ADAM: dict = {}  # (dtype, device type) → whether torch._fused_adam_ runs there
+
+
 def _fused_adam_works(like: torch.Tensor) -> bool:
     """Whether ``torch._fused_adam_`` runs for this dtype and device (checked once each)."""
     key = (like.dtype, like.device.type)
@@ -66,9 +69,6 @@ def _fused_adam_works(like: torch.Tensor) -> bool:
         except (AttributeError, RuntimeError, NotImplementedError):
             _FUSED_ADAM[key] = False
     return _FUSED_ADAM[key]
-
-
-_FUSED_ADAM: dict = {}
 
 
 class _Optimizer:
