@@ -4,7 +4,7 @@ The pure-Python package lives in ``cdfast/``; the Triton sources in ``kernels/``
 installed as the subpackage ``cdfast.kernels``. Compiled extensions (``csrc/``) are
 added by :func:`extensions` below:
 
-* ``cdfast._cpu`` (always): the projection operators in C++17 with OpenMP.
+* ``cdfast._cpu`` (always): the budget top-k selection in C++17 with OpenMP.
 * ``cdfast._cuda`` (when ``nvcc`` is found): the persistent Gram-form solver and the
   GPTQ pass. The ``.cu`` files are compiled by ``nvcc`` (see :class:`BuildExt`), the
   pybind11 binding by the host compiler, and the CUDA runtime is linked statically,
@@ -36,7 +36,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # cdfast._backends must be listed: without it the wheel has no backends at all.
-PACKAGES = ["cdfast", "cdfast._backends", "cdfast.kernels"]
+PACKAGES = ["cdfast", "cdfast.layer", "cdfast.layer.solvers", "cdfast.model", "cdfast.experiments",
+            "cdfast._backends", "cdfast.kernels"]
 PACKAGE_DIR = {"cdfast": "cdfast", "cdfast.kernels": "kernels"}
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -62,7 +62,7 @@ class LayerCase:
 @dataclass(frozen=True)
 class ModelCase:
     kind: str
-    model: str          # a cdfast.models name
+    model: str          # a cdfast.experiments.models name
     n: int
     hw: int
     steps: int

@@ -176,7 +176,7 @@ class Runner:
             self._print(row)
             return
         try:
-            from cdfast import models
+            from cdfast.experiments import models
 
             torch.manual_seed(0)
             if mc.model.startswith("resnet"):

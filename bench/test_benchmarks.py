@@ -56,7 +56,7 @@ def test_layer(benchmark, case, impl):
 @pytest.mark.parametrize("mc", C.model_cases(DEVICE.type, quick=True), ids=lambda m: m.name)
 def test_model(benchmark, mc):
     import cdfast
-    from cdfast import models
+    from cdfast.experiments import models
 
     if not hasattr(cdfast, "compress"):
         pytest.skip("cdfast.compress is not available in this build")

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .geometry import LayerGeometry
+from .layer.geometry import LayerGeometry
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -14,7 +14,7 @@ import sys
 
 
 def _compression(args):
-    from . import constraints as c
+    from .layer import constraints as c
 
     items = []
     if args.keep is not None:
@@ -27,8 +27,8 @@ def _compression(args):
 
 
 def cmd_train(args) -> int:
-    from .data import load_fashion_mnist
-    from .train import evaluate, train_teacher
+    from .experiments.data import load_fashion_mnist
+    from .experiments.train import evaluate, train_teacher
 
     model = train_teacher(args.model, epochs=args.epochs, seed=args.seed)
     print(f"{args.model}: {evaluate(model.eval(), load_fashion_mnist('test')):.2f}% test accuracy")
@@ -38,9 +38,9 @@ def cmd_train(args) -> int:
 def cmd_compress(args) -> int:
     import torch
 
-    from .compress import compress
-    from .data import few_shot, load_fashion_mnist
-    from .train import evaluate, train_teacher
+    from .model.compress import compress
+    from .experiments.data import few_shot, load_fashion_mnist
+    from .experiments.train import evaluate, train_teacher
 
     teacher = train_teacher(args.model, epochs=args.epochs).eval()
     x, _ = few_shot(load_fashion_mnist("train"), args.k, seed=args.seed).tensors
@@ -63,7 +63,7 @@ def cmd_compress(args) -> int:
 def cmd_experiment(args) -> int:
     import os
 
-    from .experiment import markdown, read_rows, run_experiment, write_outputs
+    from .experiments.grid import markdown, read_rows, run_experiment, write_outputs
 
     csv_path = os.path.join(args.out, "results.csv")  # run_experiment creates the folder
     rows = run_experiment(models=args.models, tasks=args.tasks, ks=args.ks, seeds=args.seeds, methods=args.methods,
@@ -77,9 +77,9 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .data import few_shot, load_fashion_mnist
-    from .study import crossing_study, write_study
-    from .train import train_teacher
+    from .experiments.data import few_shot, load_fashion_mnist
+    from .experiments.study import crossing_study, write_study
+    from .experiments.train import train_teacher
 
     teacher = train_teacher(args.model, epochs=args.epochs).eval()
     train = load_fashion_mnist("train")
@@ -92,7 +92,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import main
+    from .experiments.demo import main
 
     return main(k=args.k, seed=args.seed)
 

@@ -1,10 +1,12 @@
 """Backend dispatch: which implementation of a cdfast op runs.
 
-Each op (``statistics``, ``gram_solve``, ``dual_conv_loss``, ``project`` …) has a
-plain PyTorch implementation, registered under the backend ``"torch"``: it is the
-fallback on every device and the oracle the tests hold the others to. Kernels
+Every op is listed once, in :data:`OPS`. Each has a plain PyTorch implementation,
+registered under the backend ``"torch"`` (``cdfast/_backends/reference.py``): it is
+the fallback on every device and the oracle the tests hold the others to. Kernels
 register further implementations with :func:`register` (``"triton"``, ``"cuda"``
-for the CUDA C++ extension, ``"cpp"`` for its CPU counterparts).
+for the CUDA C++ extension, ``"cpp"`` for its CPU counterpart); the backends
+register themselves when ``import cdfast`` imports :mod:`cdfast._backends`. How to
+add one: ``cdfast/_backends/README.md``.
 
 The implementation is chosen in this order (as in Liger-Kernel):
 
@@ -26,8 +28,22 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailable", "Unsupported", "register", "register_probe", "resolve",
-           "call", "backends"]
+__all__ = ["OPS", "BACKENDS", "BackendUnavailable", "Unsupported", "register", "register_probe", "resolve",
+           "call", "backends", "implementations"]
+
+#: Every op a backend can implement, with what it computes. Registering a name that
+#: is not here is an error, so a misspelt op cannot register a kernel nobody calls.
+OPS: dict[str, str] = {
+    "statistics": "(3, G, D, D) Grams [x1x1ᵀ, x2x2ᵀ, x2x1ᵀ] of a layer's two mixed, unfolded inputs",
+    "gram_solve": "the iterative (adam/sgd) Gram-form solve of a Quadratic under a ConstraintPlan",
+    "data_targets": "the data form's teacher outputs σ(A∗P_t + b) of every loss term",
+    "data_loss_grad": "the data form's loss at a student weight and its weight gradient",
+    "soft_threshold": "prox of t·‖w‖₁: sign(w)·max(|w| − t, 0)",
+    "group_shrink": "prox of t·Σ_i ‖W[:, i]‖₂ over input channels",
+    "topk_mask": "boolean mask of the k largest scores",
+    "quantize": "(codes, values) of W on the grid scale·{0, ±1/L, …, ±1}",
+    "gptq_round": "GPTQ-style sequential rounding of one group's weight with error feedback",
+}
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _CAPABILITY_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -48,6 +64,8 @@ class Unsupported(NotImplementedError):
 
 def register(op: str, backend: str):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {tuple(OPS)}, got {op!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
@@ -63,14 +81,13 @@ def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
     _PROBES[backend] = probe
 
 
-def _ensure_loaded() -> None:
-    # Importing the backends registers their implementations (and probes).
-    from . import _backends  # noqa: F401
+def implementations() -> dict[str, tuple[str, ...]]:
+    """Op → the backends that registered an implementation of it."""
+    return {op: tuple(_IMPLS.get(op, {})) for op in OPS}
 
 
 def unavailable_reason(backend: str) -> str | None:
     """``None`` if ``backend`` can run here, else a sentence saying why not."""
-    _ensure_loaded()
     probe = _PROBES.get(backend)
     if probe is None:
         return f"the {backend} backend is not built into this installation"
@@ -101,9 +118,8 @@ def resolve(op: str, device: torch.device | str = "cpu", backend: str | None = N
 
     Returns ``(backend_name, function)``.
     """
-    _ensure_loaded()
     impls = _IMPLS.get(op)
-    if not impls:
+    if not impls:  # the backends register when ``import cdfast`` imports cdfast._backends
         raise KeyError(f"no implementation registered for op {op!r}")
     device = torch.device(device)
     requested = backend if backend not in (None, "auto") else os.environ.get("CDFAST_BACKEND") or None

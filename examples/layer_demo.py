@@ -18,7 +18,7 @@ import cdfast
 def layer_inputs(n: int = 50) -> tuple[torch.Tensor, str]:
     torch.manual_seed(0)
     try:
-        from cdfast.data import few_shot, load_fashion_mnist
+        from cdfast.experiments.data import few_shot, load_fashion_mnist
 
         images = few_shot(load_fashion_mnist("train"), k=n // 10, seed=0).tensors[0]
         source = f"{len(images)} Fashion-MNIST images"

@@ -3,7 +3,7 @@ r"""Device helpers shared by the cdfast Triton kernels (all ``@triton.jit``, inl
 **Implicit im2col.** A Conv2d with ``G`` groups, kernel ``k_h × k_w``, stride ``s``,
 padding ``p`` and dilation ``δ`` sees its input ``h`` (``N × C_in × H × W``, contiguous)
 through the matrix ``X_g`` (``D × M``, ``D = (C_in/G)·k_h·k_w``, ``M = N·H_out·W_out``) of
-:mod:`cdfast.geometry`:
+:mod:`cdfast.layer.geometry`:
 
     row  d = (c·k_h + i)·k_w + j            (input channel c of group g, kernel tap (i, j))
     col  m = (n·H_out + y)·W_out + x         (sample n, output pixel (y, x))
@@ -62,7 +62,7 @@ def grid_code(w, s, levels):
 @triton.jit
 def grid_project(w, s, levels):
     """``code(w) · (s / L)``: the value of ``w`` on the grid ``s·{0, ±1/L, …, ±1}``, bit
-    for bit as :func:`cdfast.constraints.quantize` on the CPU (on CUDA, torch forms
+    for bit as :func:`cdfast.layer.constraints.quantize` on the CPU (on CUDA, torch forms
     ``s / L`` as ``s · (1/L)``: the values may differ there by one ulp, the codes never)."""
     return grid_code(w, s, levels) * tl.math.div_rn(s, levels + tl.zeros_like(s))
 

@@ -1,7 +1,7 @@
 r"""Dual-path convolution with the loss, for the data form (SPEC §2.2).
 
 A loss of the family has terms ``t = 1…T`` with weight ``w_t`` and student input
-``Q_t = c_t·h^T + d_t·h^S`` (:class:`cdfast.losses.LossSpec`). The student's paths of
+``Q_t = c_t·h^T + d_t·h^S`` (:class:`cdfast.layer.losses.LossSpec`). The student's paths of
 all terms are stacked along the columns: ``X̃_g = [X_g(Q_1) … X_g(Q_T)]`` (``D × T·M``),
 each tile mixed from ``h^T`` and ``h^S`` as it is gathered (implicit im2col, no copy).
 

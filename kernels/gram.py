@@ -1,6 +1,6 @@
 r"""The Gram-form solver step (SPEC §2.1, §3, §4) and the projection operators.
 
-**One step** (:func:`gram_step_kernel`) of ``cdfast.solvers.gram_iterative`` for the
+**One step** (:func:`gram_step_kernel`) of ``cdfast.layer.solvers.gram_iterative`` for the
 quadratic ``L(W) = s·[tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀]``, ``Δ = Q(W) − A``, per group:
 
     G   = Δ·H + F                                  (the GEMM; Δ formed as W tiles load)

@@ -5,7 +5,7 @@ For the two inputs ``h^T``, ``h^S`` of a layer and mix coefficients ``(a, b, c, 
     x1 = a·X^T + b·X^S,     x2 = c·X^T + d·X^S           (X = implicit im2col of h)
     out[0] = x1 x1ᵀ,   out[1] = x2 x2ᵀ,   out[2] = x2 x1ᵀ        (each G × D × D)
 
-(``cdfast.statistics`` uses the error basis ``a, b, c, d = 1, 0, −1, 1``: ``x2 = E``).
+(``cdfast.layer.statistics`` uses the error basis ``a, b, c, d = 1, 0, −1, 1``: ``x2 = E``).
 
 One program owns a pair of row blocks ``(I, J)`` with ``I ≤ J`` of one group and a
 range of columns ``m``. Per column tile it gathers the four input tiles

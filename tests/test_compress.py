@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import cdfast
-from cdfast.models import count_parameters, resnet
+from cdfast.experiments.models import count_parameters, resnet
 
 
 def tiny_vgg():

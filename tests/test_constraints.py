@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import cdfast
-from cdfast.constraints import (channel_norms, group_shrink, nm_mask, quantize, soft_threshold,
+from cdfast.layer.constraints import (channel_norms, group_shrink, nm_mask, quantize, soft_threshold,
                                 topk_mask)
-from cdfast.geometry import LayerGeometry
+from cdfast.layer.geometry import LayerGeometry
 
 GEO = LayerGeometry("conv2d", 6, 5, (3, 3))
 

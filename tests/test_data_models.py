@@ -1,4 +1,4 @@
-"""Tests of cdfast.data, cdfast.models and cdfast.train.
+"""Tests of cdfast.experiments.data, cdfast.experiments.models and cdfast.experiments.train.
 
 Tests that need the real Fashion-MNIST files skip when they are absent
 (``apt-get install dataset-fashion-mnist`` or set ``CDFAST_FASHION_MNIST``).
@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdfast import data as cdata
-from cdfast import train as ctrain
-from cdfast.data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, batches, few_shot,
+from cdfast.experiments import data as cdata
+from cdfast.experiments import train as ctrain
+from cdfast.experiments.data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, batches, few_shot,
                          load_fashion_mnist, read_idx, synthetic_images)
-from cdfast.models import (BasicBlock, ResNet, VGG, build_model, count_flops, count_parameters,
+from cdfast.experiments.models import (BasicBlock, ResNet, VGG, build_model, count_flops, count_parameters,
                            resnet, small_cnn, vgg)
-from cdfast.train import evaluate, teacher_path, train_teacher
+from cdfast.experiments.train import evaluate, teacher_path, train_teacher
 
 FMNIST_ROOT = Path(os.environ.get("CDFAST_FASHION_MNIST") or cdata.DEFAULT_FASHION_MNIST_ROOT)
 HAVE_FMNIST = any((FMNIST_ROOT / f"train-images-idx3-ubyte{ext}").is_file() for ext in (".gz", ""))

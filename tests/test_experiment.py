@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cdfast.experiment import Row, markdown, read_rows, run_experiment, write_outputs
+from cdfast.experiments.grid import Row, markdown, read_rows, run_experiment, write_outputs
 
 ROOT = os.environ.get("CDFAST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 needs_data = pytest.mark.skipif(not os.path.isdir(ROOT), reason="Fashion-MNIST not installed "

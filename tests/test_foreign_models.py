@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import cdfast
-from cdfast.models import count_parameters
+from cdfast.experiments.models import count_parameters
 
 
 class BasicBlock(nn.Module):  # the layout of torchvision.models.resnet.BasicBlock

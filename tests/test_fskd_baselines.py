@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cdfast.baselines import METHODS, run
-from cdfast.fskd import block_end_convs, fskd
-from cdfast.models import count_parameters, resnet
-from cdfast.walk import capture_input
+from cdfast.experiments.baselines import METHODS, run
+from cdfast.model.fskd import block_end_convs, fskd
+from cdfast.experiments.models import count_parameters, resnet
+from cdfast.model.walk import capture_input
 
 
 def _randomise_bn(model):
@@ -130,7 +130,7 @@ def test_reconstruction_beats_l1(method, teacher, data):
 
 
 def test_fskd_output_pruned_vgg_matches_kept_teacher_channels():
-    from cdfast.models import small_cnn
+    from cdfast.experiments.models import small_cnn
 
     torch.manual_seed(5)
     t = _randomise_bn(small_cnn(width=4)).eval()

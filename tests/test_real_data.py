@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import cdfast
-from cdfast.data import few_shot, load_fashion_mnist
-from cdfast.models import count_parameters
-from cdfast.train import evaluate, train_teacher
+from cdfast.experiments.data import few_shot, load_fashion_mnist
+from cdfast.experiments.models import count_parameters
+from cdfast.experiments.train import evaluate, train_teacher
 
 ROOT = os.environ.get("CDFAST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not os.path.isdir(ROOT), reason="Fashion-MNIST not installed "

@@ -5,10 +5,12 @@ import torch.nn as nn
 
 import cdfast
 from authors_reference import authors_channel_prune
-from cdfast.geometry import LayerGeometry
-from cdfast.losses import LossSpec, Quadratic
-from cdfast.solvers import solve_on_support
+from cdfast.layer.geometry import LayerGeometry
+from cdfast.layer.losses import LossSpec, Quadratic
+from cdfast.layer.plan import ConstraintPlan
+from cdfast.layer.solvers import gram_iterative, solve_on_support
 from conftest import rel_err
+from helpers import PRUNE_AND_QUANTIZE, prune_quantize_ratio
 
 
 def problem(cin=7, cout=5, n=3, hw=(6, 5), noise=0.3, dtype=torch.float64, k=3):
@@ -213,3 +215,28 @@ def test_float32_statistics_do_not_fit_rounding_noise_when_rows_are_few():
         w[dtype] = res.weight.double()
     rel = ((w[torch.float32] - w[torch.float64]).norm() / w[torch.float64].norm()).item()
     assert rel < 0.15, rel  # without the precision floor on δ: 16× the norm
+
+
+# ------------------------------------------------- the best projected iterate
+@pytest.mark.parametrize("compression", PRUNE_AND_QUANTIZE, ids=str)
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_prune_and_quantize_ends_clearly_below_naive(compression, solver):
+    """Only iterates that carry the final mask may be the best one: tracking the best
+    from step 0 picks the nearly unpruned start, which masking then ruins (the ratio
+    was 0.59–0.99 that way)."""
+    def solve(quad, plan, cfg):
+        cfg.solver = solver
+        if solver == "sgd":
+            cfg.lr = 0.05
+        return gram_iterative(quad, plan, cfg)
+    assert prune_quantize_ratio(solve, compression) < 0.3
+
+
+def test_best_iterate_candidates_start_at_the_final_mask():
+    geo = LayerGeometry("conv2d", 8, 4, (3, 3))
+    sched = ConstraintPlan([cdfast.ChannelPrune(0.5), cdfast.Quantize(4)], geo, 30, geo.cols, "cpu",
+                           torch.float32).schedule
+    # ramp: steps 0..10 (30/3), the budget shrinks 8 → 4 channels within it, then never again
+    assert sched.final_from == 11
+    assert min(k for k in sched.channel_k if k) == 4 and not any(sched.channel_k[11:])
+    assert ConstraintPlan(cdfast.Quantize(4), geo, 30, geo.cols, "cpu", torch.float32).schedule.final_from == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cdfast.study import crossing_study, summarize_study, write_study
+from cdfast.experiments.study import crossing_study, summarize_study, write_study
 
 
 def small_net():

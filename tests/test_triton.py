@@ -23,14 +23,15 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton backen
 
 import cdfast  # noqa: E402
 from cdfast import ChannelPrune, GroupLasso, L1, NMSparsity, Quantize, WeightPrune, dispatch  # noqa: E402
-from cdfast import constraints as C  # noqa: E402
+from cdfast.layer import constraints as C  # noqa: E402
 from cdfast._backends import reference as ref  # noqa: E402
 from cdfast._backends import triton as tb  # noqa: E402
-from cdfast.constraints import ConstraintPlan  # noqa: E402
-from cdfast.geometry import LayerGeometry  # noqa: E402
-from cdfast.losses import LOSSES, ActivationSpec, LossSpec, Quadratic  # noqa: E402
-from cdfast.solvers import SolverConfig  # noqa: E402
-from cdfast.statistics import ERROR_BASIS  # noqa: E402
+from cdfast.layer.plan import ConstraintPlan  # noqa: E402
+from cdfast.layer.geometry import LayerGeometry  # noqa: E402
+from cdfast.layer.losses import LOSSES, ActivationSpec, LossSpec, Quadratic  # noqa: E402
+from cdfast.layer.solvers import SolverConfig  # noqa: E402
+from cdfast.layer.statistics import ERROR_BASIS  # noqa: E402
+from helpers import PRUNE_AND_QUANTIZE, prune_quantize_ratio  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -316,9 +317,9 @@ def test_gram_solve_matches_torch(case):
     comp, solver, geo, fit_bias = SOLVE_CASES[case]
     quad = _quadratic(geo, fit_bias, 500 + case)
     steps = 15
-    a = _solve(ref.gram_solve, quad, comp, geo, solver, steps)
+    a = _solve(ref.gram_iterative, quad, comp, geo, solver, steps)
     b = _solve(tb.gram_solve, quad, comp, geo, solver, steps)
-    _assert_same_solve(a, b, lambda: _solve(ref.gram_solve, _quad64(quad), comp, geo, solver, steps))
+    _assert_same_solve(a, b, lambda: _solve(ref.gram_iterative, _quad64(quad), comp, geo, solver, steps))
 
 
 @pytest.mark.parametrize("comp", [None, [GroupLasso(0.05), L1(0.01)], ChannelPrune(0.5)],
@@ -331,9 +332,9 @@ def test_gram_solve_graph_segments(monkeypatch, comp):
     geo = LayerGeometry("conv2d", 4, 6, (3, 3), padding=(1, 1))
     quad = _quadratic(geo, False, 600)
     steps = 3 * tb._GRAPH_STEPS + 9
-    a = _solve(ref.gram_solve, quad, comp, geo, "adam", steps)
+    a = _solve(ref.gram_iterative, quad, comp, geo, "adam", steps)
     b = _solve(tb.gram_solve, quad, comp, geo, "adam", steps)
-    _assert_same_solve(a, b, lambda: _solve(ref.gram_solve, _quad64(quad), comp, geo, "adam", steps))
+    _assert_same_solve(a, b, lambda: _solve(ref.gram_iterative, _quad64(quad), comp, geo, "adam", steps))
 
 
 def test_gram_solve_float64_falls_back():
@@ -352,12 +353,12 @@ def test_cuda_graphs_match_eager(monkeypatch):
     quad = _quadratic(GEO, False, 800)
     steps = 4 * tb._GRAPH_STEPS + 7
     for comp in (None, [GroupLasso(0.05), L1(0.01)], ChannelPrune(0.5)):
-        a = _solve(ref.gram_solve, quad, comp, GEO, "adam", steps)
+        a = _solve(ref.gram_iterative, quad, comp, GEO, "adam", steps)
         b = _solve(tb.gram_solve, quad, comp, GEO, "adam", steps)
         monkeypatch.setenv("CDFAST_CUDA_GRAPHS", "0")
         c = _solve(tb.gram_solve, quad, comp, GEO, "adam", steps)
         monkeypatch.delenv("CDFAST_CUDA_GRAPHS")
-        r64 = lambda: _solve(ref.gram_solve, _quad64(quad), comp, GEO, "adam", steps)  # noqa: E731
+        r64 = lambda: _solve(ref.gram_iterative, _quad64(quad), comp, GEO, "adam", steps)  # noqa: E731
         _assert_same_solve(a, b, r64)
         _assert_same_solve(a, c, r64)
 
@@ -424,3 +425,9 @@ def test_distill_layer_fit_bias():
     _assert_same_result(lin, ht, hs, kw)
     kw = dict(fit_bias=True, compression=[L1(0.01), Quantize(3)], steps=12, lr=1e-2)
     _assert_same_result(lin, ht, hs, kw)
+
+
+@pytest.mark.parametrize("compression", PRUNE_AND_QUANTIZE, ids=str)
+def test_prune_and_quantize_ends_clearly_below_naive(compression):
+    """The Triton engine shares the loop's best-iterate rule (final-mask iterates only)."""
+    assert prune_quantize_ratio(tb.gram_solve, compression, steps=120) < 0.3

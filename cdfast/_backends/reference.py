@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import register
-from .. import constraints
-from ..geometry import LayerGeometry
+from ..layer import constraints
+from ..layer.geometry import LayerGeometry
+from ..layer.solvers import gptq_round, gram_iterative
 
 # Unfold at most this many elements at once, so a large calibration batch
 # streams through bounded memory.
@@ -39,14 +40,11 @@ def statistics(h_teacher: torch.Tensor, h_student: torch.Tensor, geometry: Layer
     return out
 
 
-@register("gram_solve", "torch")
-def gram_solve(quad, plan, cfg):
-    from ..solvers import gram_iterative
+# The solvers' own torch paths.
+register("gram_solve", "torch")(gram_iterative)
+register("gptq_round", "torch")(gptq_round)
 
-    return gram_iterative(quad, plan, cfg)
-
-
-# The projection operators: the pure functions of cdfast.constraints are the oracle.
+# The projection operators: the pure functions of cdfast.layer.constraints are the oracle.
 register("soft_threshold", "torch")(constraints.soft_threshold)
 register("group_shrink", "torch")(constraints.group_shrink)
 register("topk_mask", "torch")(constraints.topk_mask)
@@ -84,10 +82,3 @@ def data_targets(A: torch.Tensor, h_teacher: torch.Tensor, h_student: torch.Tens
     w, b = geometry.weight_tensor(A)
     return torch.stack(spec.teacher_outputs(geometry, w, b if b is not None else bias,
                                             h_teacher, h_student))
-
-
-@register("gptq_round", "torch")
-def gptq_round(*args, **kwargs):
-    from ..solvers import gptq_round as ref
-
-    return ref(*args, **kwargs)

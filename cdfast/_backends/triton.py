@@ -25,10 +25,11 @@ import os
 import torch
 import triton  # noqa: F401  (ModuleNotFoundError here marks the backend unavailable)
 
-from .. import constraints as C
 from ..dispatch import Unsupported, register, register_probe
-from ..geometry import LayerGeometry
-from ..losses import ActivationSpec
+from ..layer import constraints as C
+from ..layer.geometry import LayerGeometry
+from ..layer.losses import ActivationSpec
+from ..layer.solvers.iterative import ITERATIVE_SOLVERS, TorchGramEngine, run_iterative
 
 __all__ = ["statistics", "data_loss_grad", "gram_solve"]
 
@@ -339,53 +340,88 @@ register("topk_mask", "triton")(C.topk_mask)
 _GRAPH_STEPS = 32  # steps per captured CUDA graph (even: the weight buffers alternate)
 _RING = 2 * _GRAPH_STEPS  # loss-partial slots (a value is reduced before its slot is reused)
 
+#: Tests set this to run the graph segments' launch sequence eagerly off CUDA.
+_EMULATE_GRAPHS = False
 
-class _GramStepper:
-    """State of the Triton Gram solve: ping-pong weight buffers, optimizer state, the
-    per-step parameter table and the device step counter."""
+
+def _graphs_wanted(device: torch.device) -> bool:
+    if os.environ.get("CDFAST_CUDA_GRAPHS", "1") == "0":
+        return False
+    return device.type == "cuda" or _EMULATE_GRAPHS
+
+
+class TritonGramEngine(TorchGramEngine):
+    """The Gram-form steps of :func:`cdfast.layer.solvers.run_iterative` on the Triton kernels.
+
+    Each step is one fused launch (:func:`cdfast.kernels.gram.gram_step_kernel`: the
+    GEMM, the loss partials, the masked optimizer update and, where nothing else runs
+    after the step, the L1 prox); the schedule's channel norms and the proximal maps
+    are :func:`channel_prox_kernel` launches. The weight lives in two buffers (the
+    kernel reads all of ``W`` while it writes the next one), so the iterate a step
+    started from is the other buffer. Per-step scalars (``lr``, Adam's bias
+    corrections, thresholds) come from a device table indexed by a device step
+    counter: on CUDA the steady phase (no schedule, no quantizer) runs as captured
+    CUDA graphs of ``_GRAPH_STEPS`` steps.
+
+    Everything else — the loop, compaction, the best iterate, scale refits, the
+    result — is the torch engine's, so the iterates are the same to float32 rounding.
+    """
 
     def __init__(self, quad, plan, cfg, kgram):
         self.k = kgram
-        self.plan, self.cfg = plan, cfg
         self.adam = cfg.solver == "adam"
         self.dev = quad.anchor.device
-        self.set_quad(quad, quad.anchor.clone(), None, None)
+        self.full_quad = quad
+        self.plan, self.cfg = plan, cfg
+        self.cols = None
+        self.two_s = 2.0 * quad.scale
+        self._mask_all = bool(plan.mask.all())
         G, R, D = quad.anchor.shape
         self.part_stride = G * _cdiv(R, 32) * _cdiv(D, 32)  # the most programs any config uses
         self.part = torch.zeros(_RING, self.part_stride, dtype=torch.float32, device=self.dev)
         self.counter = torch.zeros(1, dtype=torch.int32, device=self.dev)
-        self.params = self._table()
+        table = plan.schedule.optimizer_table(cfg.lr, cfg.betas)
+        self.params = torch.tensor([[*row, *(row[0] * p.strength for p in plan.penalties)] for row in table],
+                                   dtype=torch.float32, device=self.dev)
         g = plan.geometry
         self.norms = torch.zeros(g.groups, g.group_in, dtype=torch.float32, device=self.dev)
+        self._set_quad(quad, quad.anchor.clone(), None, None)
+        self._fuse = False
+        self.steady_from = plan.schedule.final_from + 1 if plan.schedule.final_from else 0
+        self.use_graphs = _graphs_wanted(self.dev) and plan.quant is None
+        self.graph = None
+        self.warm = 0  # eager steps run in the steady phase (capture waits for two: all compiled)
 
-    def set_quad(self, quad, W, m, v) -> None:
+    # -- state: the quadratic, two weight buffers, the optimizer moments
+    def _set_quad(self, quad, W, m, v) -> None:
         self.quad = quad
         self.A, self.H, self.F = (t.contiguous() for t in (quad.anchor, quad.H, quad.F))
         self.bufs = [W.contiguous(), _empty(W.shape, dtype=W.dtype, device=W.device)]
         self.cur = 0
-        if hasattr(self, "part"):  # fewer programs from now on: clear their stale slots
-            self.part.zero_()
+        self.part.zero_()  # fewer programs from now on: no stale partial sums
         self.m = torch.zeros_like(W) if m is None else m.contiguous()
         self.v = (torch.zeros_like(W) if v is None else v.contiguous()) if self.adam else self.m
+
+    def _restrict(self, cols) -> None:
+        self._set_quad(self.full_quad.restrict(cols), self.W[..., cols], self.m[..., cols],
+                       self.v[..., cols] if self.adam else None)
 
     @property
     def W(self) -> torch.Tensor:
         return self.bufs[self.cur]
 
-    def _table(self) -> torch.Tensor:
-        cfg, plan = self.cfg, self.plan
-        b1, b2 = cfg.betas
-        rows = []
-        for i in range(cfg.steps):
-            lr = cfg.lr * plan.lr_factor(i)
-            t = i + 1
-            row = [lr, lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)]
-            row += [lr * p.strength for p in plan.penalties]
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.float32, device=self.dev)
+    @W.setter
+    def W(self, value: torch.Tensor) -> None:
+        self.bufs[self.cur] = value.contiguous()
 
-    def step(self, i: int, mask: torch.Tensor | None, wc: int, fuse_l1: bool) -> None:
-        """Launch step ``i``'s fused GEMM (reads the counter, which must equal ``i``)."""
+    @property
+    def prev(self) -> torch.Tensor:
+        """The iterate the last step started from (the other buffer)."""
+        return self.bufs[1 - self.cur]
+
+    # -- launches
+    def _launch(self, mask, wc: int, fuse_l1: bool) -> None:
+        """The fused GEMM step at the device counter's index."""
         k, plan, cfg = self.k, self.plan, self.cfg
         W, Wn = self.bufs[self.cur], self.bufs[1 - self.cur]
         G, R, D = W.shape
@@ -397,7 +433,7 @@ class _GramStepper:
         k.gram_step_kernel[grid](
             W, Wn, self.A, self.H, self.F, self.m, self.v,
             mask if mask is not None else W, scale, self.params, self.counter, self.part,
-            R, D, wc, self.params.shape[1], self.part_stride, _RING, 2.0 * self.quad.scale,
+            R, D, wc, self.params.shape[1], self.part_stride, _RING, self.two_s,
             1.0 - b1, b2, 1.0 - b2, cfg.eps, cfg.momentum,
             float(plan.quant.levels) if quant else 1.0,
             1 if (quant and scale.numel() > 1) else 0,
@@ -405,12 +441,18 @@ class _GramStepper:
             PRECISION=_precision(), **blocks, **opts)
         self.cur = 1 - self.cur
 
-    def penalty(self, j: int) -> None:
+    def _penalty(self, j: int) -> None:
         """Proximal map of penalty ``j`` on the current weight, threshold from the table."""
         p = self.plan.penalties[j]
         mode = 2 if isinstance(p, C.L1) else 1
         _channel_prox(self.W, self.plan.geometry, mode, self.params, self.counter, self.k.P_THR0.value + j,
                       self.norms)
+
+    def _penalties(self, lr: float) -> None:
+        for j, p in enumerate(self.plan.penalties):
+            if (j == 0 and self._fuse) or lr * p.strength == 0:
+                continue
+            self._penalty(j)
 
     def channel_norms(self) -> torch.Tensor:
         return _channel_prox(self.W, self.plan.geometry, 0, self.params, self.counter, 0, self.norms)
@@ -419,119 +461,67 @@ class _GramStepper:
         """``Σ Δ⊙(G+F) + f₀`` of step ``i`` (a device scalar; no synchronisation)."""
         return self.part[i % _RING].sum() + self.quad.f0
 
-    def advance(self) -> None:
+    # -- the engine interface
+    def step(self, i: int, lr: float, want_value: bool, keep_previous: bool):
+        plan = self.plan
+        first = plan.penalties[0] if plan.penalties else None
+        # L1 first and nothing of the schedule after this step: fuse its prox into the step.
+        self._fuse = (self.cols is None and isinstance(first, C.L1) and not plan.schedule.changes_mask(i)
+                      and lr * first.strength != 0)
+        self._launch(self._mask(), self.weight_cols, self._fuse)
+        return self.value(i) if want_value else None
+
+    def after_step(self, i: int, lr: float) -> None:
+        plan = self.plan
+        if self.cols is None:
+            # ConstraintPlan.after_step's order: schedule, penalties, then the new mask.
+            changed = plan.update_mask(self.W, i, norms_fn=self.channel_norms)
+            self._penalties(lr)
+            if changed:
+                self.W.mul_(plan.mask)
+                self._mask_all = bool(plan.mask.all())
         self.counter.add_(1)
+        if i >= self.steady_from:
+            self.warm += 1
 
+    def run_steady(self, i: int, logged, history) -> int:
+        """On CUDA, ``_GRAPH_STEPS`` steady steps as one CUDA-graph replay (0: not here)."""
+        if not (self.use_graphs and i >= self.steady_from and self.warm >= 2
+                and self.cfg.steps - i >= _GRAPH_STEPS):
+            return 0
+        if self.graph is None:
+            self.graph = self._capture(i, self.cfg.lr * self.plan.schedule.lr_factor[i])
+        self.graph.replay()
+        history.extend((s, self.value(s)) for s in range(i, i + _GRAPH_STEPS) if s in logged)
+        return _GRAPH_STEPS
 
-def _after_step(plan, st: _GramStepper, step: int, lr: float, skip_first: bool) -> bool:
-    """:meth:`ConstraintPlan.after_step` with the channel norms and the proximal maps on
-    the Triton kernels (same order: schedules, then penalties, then the mask)."""
-    changed = plan.update_mask(st.W, step, norms_fn=st.channel_norms)
-    for j, p in enumerate(plan.penalties):
-        if (j == 0 and skip_first) or lr * p.strength == 0:
-            continue
-        st.penalty(j)
-    if changed:
-        st.W.mul_(plan.mask)
-    return changed
+    def _capture(self, i: int, lr: float):
+        """Capture ``_GRAPH_STEPS`` steady steps (kernels, penalties, counter) in a CUDA graph.
 
+        Reached once two eager steps of the steady phase have run (every kernel is
+        compiled, so nothing compiles during capture). The kernels read their per-step
+        scalars through the device counter, so one graph serves every later run of
+        steps; the weight buffers alternate an even number of times per graph.
+        """
+        first = self.plan.penalties[0] if self.plan.penalties else None
+        self._fuse = self.cols is None and isinstance(first, C.L1) and lr * first.strength != 0
+        mask, wc = self._mask(), self.weight_cols
 
-#: Tests set this to run the graph segments' launch sequence eagerly off CUDA.
-_EMULATE_GRAPHS = False
+        def launches():
+            start = self.cur
+            for _ in range(_GRAPH_STEPS):
+                self._launch(mask, wc, self._fuse)
+                self._penalties(lr)
+                self.counter.add_(1)
+            assert self.cur == start  # an even number of ping-pong steps
 
-
-def _graphs_wanted(device: torch.device) -> bool:
-    if os.environ.get("CDFAST_CUDA_GRAPHS", "1") == "0":
-        return False
-    return device.type == "cuda" or _EMULATE_GRAPHS
-
-
-@register("gram_solve", "triton")
-def gram_solve(quad, plan, cfg):
-    """:func:`cdfast.solvers.gram_iterative` with each step one fused Triton GEMM.
-
-    Same iterates and history format as the torch path (to float32 rounding). On
-    CUDA, the steady phase (no schedule, no quantizer) runs as captured CUDA graphs
-    of ``_GRAPH_STEPS`` steps each, with the losses read back only at the end.
-    """
-    from ..solvers import _log_every, _row_loss_fn, _weight_cols, expand_result, refit_scale  # noqa: PLC0415
-
-    _check_float32(quad.H, quad.F, quad.anchor)
-    if cfg.solver not in ("adam", "sgd"):
-        raise Unsupported(f"solver {cfg.solver!r} is not an iterative Gram solver")
-    if plan.quant is not None and plan.quant.levels <= 0:
-        raise Unsupported("quantizer without levels")
-    _, _, kgram = _kernels()
-    if plan.channel is not None or plan.penalties:  # fail before any state changes
-        _prox_blocks(kgram, plan.geometry.taps)
-    st = _GramStepper(quad, plan, cfg, kgram)
-    every = _log_every(cfg)
-    hist_steps, hist_vals = [], []
-    refit_every = max(1, cfg.steps // 10)
-    if plan.quant is not None:
-        plan.init_scale(st.W, _row_loss_fn(quad))
-    cols = None
-    full_quad = quad
-    best_value, best_W, best_scale, best_cols = math.inf, None, None, None
-    mask_all = bool(plan.mask.all())
-    steady_from = 0
-    if plan.channel is not None or plan.weight is not None or plan.nm is not None:
-        steady_from = plan.ramp_end + 2
-    use_graphs = _graphs_wanted(st.dev) and plan.quant is None
-    graph = None
-    warm = 0  # eager steps run in the steady phase (capture waits for two: all compiled)
-
-    i = 0
-    while i < cfg.steps:
-        if (cols is None and plan.channel is not None and plan.mask_fixed and not plan.penalties
-                and plan.geometry.groups == 1 and i > plan.ramp_end):
-            cols = torch.nonzero(plan.mask[0, 0]).flatten()
-            quad = quad.restrict(cols)
-            st.set_quad(quad, st.W[..., cols], st.m[..., cols], st.v[..., cols] if st.adam else None)
-        mask = None if cols is not None or mask_all else plan.mask
-        wc = plan.geometry.cols if cols is None else _weight_cols(plan, cols)
-        lr = cfg.lr * plan.lr_factor(i)
-        sched = cols is None and plan.schedule_active(i)
-        fuse = (cols is None and bool(plan.penalties) and isinstance(plan.penalties[0], C.L1)
-                and not sched and lr * plan.penalties[0].strength != 0)
-
-        if use_graphs and i >= steady_from and warm >= 2 and cfg.steps - i >= _GRAPH_STEPS:
-            if graph is None:
-                graph = _capture(st, i, mask, wc, fuse, cols, plan, lr)
-            graph.replay()
-            for s in range(i, i + _GRAPH_STEPS):
-                if s % every == 0 or s == cfg.steps - 1:
-                    hist_steps.append(s)
-                    hist_vals.append(st.value(s))
-            i += _GRAPH_STEPS
-            continue
-
-        st.step(i, mask, wc, fuse)
-        if i % every == 0 or i == cfg.steps - 1 or plan.quant is not None:
-            value = st.value(i)
-            if i % every == 0 or i == cfg.steps - 1:
-                hist_steps.append(i)
-                hist_vals.append(value)
-            if plan.quant is not None and float(value) < best_value:
-                # The value belongs to the weight before this step: keep that iterate.
-                prev = st.bufs[1 - st.cur]
-                best_value, best_W, best_scale, best_cols = float(value), prev.clone(), plan.scale.clone(), cols
-        if cols is None:
-            if _after_step(plan, st, i, lr, fuse):
-                mask_all = bool(plan.mask.all())
-        st.advance()
-        if plan.quant is not None and (i + 1) % refit_every == 0:
-            wcq = plan.geometry.cols if cols is None else _weight_cols(plan, cols)
-            codes = plan.ops["quantize"](st.W[..., :wcq], plan.scale, plan.quant.bits)[0]
-            plan.scale = refit_scale(codes, quad, plan.quant.levels, plan.quant.per_channel, plan.scale, wcq)
-        if i >= steady_from:
-            warm += 1
-        i += 1
-
-    W = st.W
-    if plan.quant is not None:
-        W, cols, plan.scale = best_W, best_cols, best_scale
-    return expand_result(W, cols, full_quad, hist_steps, hist_vals)
+        if self.dev.type != "cuda":
+            return _EagerGraph(launches)
+        torch.cuda.synchronize(self.dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launches()
+        return graph
 
 
 class _EagerGraph:
@@ -544,29 +534,13 @@ class _EagerGraph:
         self.launches()
 
 
-def _capture(st: _GramStepper, i: int, mask, wc: int, fuse: bool, cols, plan, lr: float):
-    """Capture ``_GRAPH_STEPS`` steady steps (kernels, penalties, counter) in a CUDA graph.
-
-    Reached once two eager steps of the steady phase have run (every kernel is
-    compiled, so nothing compiles during capture). The kernels read their per-step
-    scalars through the device counter, so one graph serves every later run of
-    steps; the weight buffers alternate an even number of times per graph.
-    """
-    def launches():
-        start = st.cur
-        for _ in range(_GRAPH_STEPS):
-            st.step(i, mask, wc, fuse)
-            for j, p in enumerate(plan.penalties):
-                if (j == 0 and fuse) or lr * p.strength == 0:
-                    continue
-                st.penalty(j)
-            st.advance()
-        assert st.cur == start  # an even number of ping-pong steps
-
-    if st.dev.type != "cuda":
-        return _EagerGraph(launches)
-    torch.cuda.synchronize(st.dev)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launches()
-    return graph
+@register("gram_solve", "triton")
+def gram_solve(quad, plan, cfg):
+    """:func:`cdfast.layer.solvers.gram_iterative` with each step one fused Triton launch."""
+    _check_float32(quad.H, quad.F, quad.anchor)
+    if cfg.solver not in ITERATIVE_SOLVERS:
+        raise Unsupported(f"solver {cfg.solver!r} is not an iterative Gram solver")
+    _, _, kgram = _kernels()
+    if plan.channel is not None or plan.penalties:  # fail before any state changes
+        _prox_blocks(kgram, plan.geometry.taps)
+    return run_iterative(TritonGramEngine(quad, plan, cfg, kgram), plan, cfg)

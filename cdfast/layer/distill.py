@@ -8,12 +8,13 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from . import dispatch
-from ._validation import check_pair, check_positive_float, check_positive_int
-from .constraints import ConstraintPlan
+from .. import dispatch
+from .._validation import check_pair, check_positive_float, check_positive_int
 from .geometry import LayerGeometry
+from .data_form import data_loss
 from .losses import ActivationSpec, LossSpec, Quadratic
-from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve, refit_scale
+from .plan import ConstraintPlan
+from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve
 from .statistics import LayerStatistics
 
 __all__ = ["distill_layer", "DistillResult"]
@@ -147,7 +148,7 @@ def distill_layer(teacher_layer: nn.Module,
         objective: ``"linear"`` (raw outputs, default) or ``"activation"`` (σ on both sides).
         activation: σ of the activation objective: a following BatchNorm (folded) or an
             :class:`ActivationSpec`; a plain ReLU when None.
-        compression: a constraint of :mod:`cdfast.constraints` or a list of them.
+        compression: a constraint of :mod:`cdfast.layer.constraints` or a list of them.
         solver: ``"adam"`` (the authors' procedure), ``"sgd"`` (momentum) or ``"exact"``.
         steps: iterations of ``adam``/``sgd`` (the authors use 3000 on CIFAR-sized data).
         lr: learning rate (5e-4 as the authors' VGG setting; 1e-3 for ResNet-56).
@@ -155,7 +156,7 @@ def distill_layer(teacher_layer: nn.Module,
             ``"auto"``: Gram for the linear objective, data for the activation objective.
         fit_bias: also fit the bias (else it stays the teacher's).
         stats_dtype: accumulation dtype of the statistics (float32 or float64).
-        damping: relative damping δ of ``H`` where it is inverted (see :mod:`cdfast.losses`).
+        damping: relative damping δ of ``H`` where it is inverted (see :mod:`cdfast.layer.losses`).
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
         strict: raise instead of falling back when ``backend`` cannot run.
         log_every: history interval in steps (0: about 100 points).
@@ -223,8 +224,6 @@ def distill_layer(teacher_layer: nn.Module,
         loss_after = float(quad.loss(W_final))
         loss_before = float(quad.loss(_naive(anchor, plan)))
     else:
-        from .ops import data_loss
-
         used: list[str] = []  # backends that ran the data_loss_grad op
         data = [(h_t.to(work_dtype), h_s.to(work_dtype)) for h_t, h_s in pairs]
         bias_const = None if fit_bias else (A_bias.to(work_dtype) if A_bias is not None else None)
@@ -288,7 +287,7 @@ def _finalize(W: torch.Tensor, plan: ConstraintPlan, quad: Quadratic | None):
     wc = plan.geometry.cols
     codes = plan.codes(W)
     if quad is not None:
-        plan.scale = refit_scale(codes, quad, plan.quant.levels, plan.quant.per_channel, plan.scale, wc)
+        plan.scale = quad.best_scale(codes, plan.quant.levels, plan.quant.per_channel, plan.scale, W)
     L = plan.quant.levels
     vals = codes.to(W.dtype) * (plan.scale / L)
     W = torch.cat([vals, W[..., wc:]], dim=-1) if W.shape[-1] > wc else vals

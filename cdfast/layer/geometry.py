@@ -136,10 +136,6 @@ class LayerGeometry:
             shape = (self.out_channels, self.group_in, *self.kernel_size)
         return matrix.reshape(shape), bias
 
-    def channel_of_column(self, device=None) -> torch.Tensor:
-        """Input channel (within its group) of each weight column, shape ``(D,)``."""
-        return torch.arange(self.cols, device=device) // self.taps
-
     def apply(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's linear map ``W∗h (+ b)``."""
         if self.kind == "linear":

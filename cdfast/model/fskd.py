@@ -18,7 +18,7 @@ conv, ``W'[:, :, i, j] = Q·W[:, :, i, j]``, ``b' = Q·b``, so the returned netw
 exactly the student's architecture and parameter count.
 
 The student may have pruned *input* channels (e.g. after
-:func:`cdfast.surgery.shrink_channels`); matching is done on the block's last
+:func:`cdfast.model.surgery.shrink_channels`); matching is done on the block's last
 conv's *output* channels, which must equal the teacher's.
 """
 from __future__ import annotations
@@ -28,17 +28,11 @@ import copy
 import torch
 import torch.nn as nn
 
-from .walk import StopForward, as_sequence, execution_order
+from .walk import StopForward, as_sequence, calibration_batches, execution_order
 
 __all__ = ["fskd", "fskd_blocks", "block_end_convs"]
 
 _SHORTCUT_WORDS = ("downsample", "shortcut", "skip")
-
-
-def _as_batches(data, batch_size: int) -> list[torch.Tensor]:
-    from .compress import _batches
-
-    return _batches(data, batch_size)
 
 
 def fskd_blocks(model: nn.Module) -> list[nn.Module]:
@@ -147,7 +141,7 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
         return_info: also return a dict ``{conv_name: {"err_before", "err_after"}}``
             (relative squared errors of the matched block outputs).
     """
-    batches = _as_batches(data, batch_size)
+    batches = calibration_batches(data, batch_size)
     if not batches:
         raise ValueError("data: expected at least one sample")
     t_mode, s_mode = teacher.training, student.training

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["execution_order", "as_sequence", "capture_input", "StopForward"]
+__all__ = ["execution_order", "as_sequence", "capture_input", "calibration_batches", "StopForward"]
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
 
@@ -85,6 +85,21 @@ def capture_input(run: Callable[[], object], layer: nn.Module) -> torch.Tensor:
     if not box:
         raise RuntimeError(f"layer {layer} was not called by the forward pass")
     return box[0]
+
+
+def calibration_batches(data, batch_size: int) -> list[torch.Tensor]:
+    """Calibration inputs as a list of tensors (labels, if any, are dropped)."""
+    if isinstance(data, torch.Tensor):
+        return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    out = []
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"data: expected tensors or (input, label) batches, got {type(x).__name__}")
+        out.append(x)
+    return out
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:

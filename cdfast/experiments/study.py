@@ -21,8 +21,8 @@ import os
 import torch
 import torch.nn as nn
 
-from .compress import compress
-from .constraints import ChannelPrune
+from ..model.compress import compress
+from ..layer.constraints import ChannelPrune
 
 __all__ = ["layer_drift", "crossing_study", "summarize_study", "write_study", "plot_study"]
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from . import baselines
-from .compress import compress
-from .constraints import Quantize, WeightPrune
+from ..model.compress import compress
+from ..layer.constraints import Quantize, WeightPrune
 from .data import few_shot, load_fashion_mnist
 from .models import count_parameters
 from .train import evaluate, train_teacher
@@ -81,7 +81,7 @@ def naive_compress(teacher: nn.Module, comp) -> nn.Module:
     conv is kept, as in the fitted runs."""
     import copy
 
-    from .constraints import quantize, topk_mask
+    from ..layer.constraints import quantize, topk_mask
 
     student = copy.deepcopy(teacher)
     convs = [m for m in student.modules() if isinstance(m, nn.Conv2d)]
@@ -147,7 +147,7 @@ def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), s
             of the requested grid as well as the new ones. The solver, steps, epochs
             and test limit are recorded beside it, and resuming with others raises
             ``ValueError``.
-        teacher_options: extra keyword arguments of :func:`cdfast.train.train_teacher`
+        teacher_options: extra keyword arguments of :func:`cdfast.experiments.train.train_teacher`
             (``cache_dir``, ``max_train``, …).
     """
     if methods is not None and not isinstance(methods, dict):

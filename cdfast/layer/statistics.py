@@ -21,9 +21,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .dispatch import call
+from ..dispatch import call
 from .geometry import LayerGeometry
-from ._validation import check_pair
+from .._validation import check_pair
 
 __all__ = ["LayerStatistics", "ERROR_BASIS"]
 

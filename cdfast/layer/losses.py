@@ -31,7 +31,7 @@ so with ``Δ = W − A`` each term is ``‖Δ·Q + A·(Q − P)‖²`` and the l
     f₀ = Σ w_i (d_i − b_i)² tr(A G_EE Aᵀ)
 
 with the statistics ``G_TT = X^T X^Tᵀ``, ``G_EE = E Eᵀ``, ``G_ET = E X^Tᵀ``
-(:class:`~cdfast.statistics.LayerStatistics` holds them and also gives the
+(:class:`~cdfast.layer.statistics.LayerStatistics` holds them and also gives the
 ``G_SS``/``G_ST`` of SPEC §2.1). The gradient is ``∇L = 2s·(Δ H + F)``: one
 ``C_out × D`` by ``D × D`` product, independent of the sample count. Working in
 ``Δ`` and ``E`` rather than ``W`` and ``X^S`` keeps every term at the size of the
@@ -328,6 +328,38 @@ class Quadratic:
         # Solve X H = F  ⇔  H Xᵀ = Fᵀ
         X = torch.cholesky_solve(self.F.transpose(1, 2), L).transpose(1, 2)
         return self.anchor - X
+
+    def row_values(self, W: torch.Tensor) -> torch.Tensor:
+        """Per output row, ``(ΔHΔᵀ + 2ΔFᵀ)_rr`` (the loss without ``f₀`` and ``s``), shape
+        ``(G, C_out/G)``: how grid scales are compared row by row."""
+        delta = W - self.anchor
+        return (delta * (torch.bmm(delta, self.H) + 2 * self.F)).sum(-1)
+
+    def best_scale(self, codes: torch.Tensor, levels: int, per_channel: bool, old: torch.Tensor,
+                   W: torch.Tensor) -> torch.Tensor:
+        r"""Closed-form grid scale for fixed codes ``z = codes/L`` on the first ``w =
+        codes.shape[-1]`` columns, the other columns of ``W`` (a fitted bias) held fixed.
+
+        With ``W = [s·z, u]``, minimising the quadratic over ``s`` gives per row
+        ``s = z̃·(r − ũ·H)ᵀ / (z̃ H z̃ᵀ)``, ``z̃ = [z, 0]``, ``ũ = [0, u]`` and ``r`` the row of
+        ``R = A·H − F`` (numerator and denominator summed over rows for a per-layer scale).
+        Rows whose codes are all zero (or with no positive optimum) keep their ``old`` scale.
+        """
+        wc = codes.shape[-1]
+        D = self.H.shape[-1]
+        z = codes.to(self.H.dtype) / levels
+        R = self.R
+        if wc < D:
+            z = torch.cat([z, torch.zeros_like(z[..., : D - wc])], dim=-1)
+            fixed = torch.zeros_like(self.anchor)
+            fixed[..., wc:] = W[..., wc:].to(fixed.dtype)
+            R = R - torch.bmm(fixed, self.H)
+        num = (z * R).sum(-1, keepdim=True)
+        den = (torch.bmm(z, self.H) * z).sum(-1, keepdim=True)
+        if not per_channel:
+            num, den = num.sum().reshape(1, 1, 1), den.sum().reshape(1, 1, 1)
+        ok = (den > 0) & (num > 0)
+        return torch.where(ok, num / den.clamp_min(torch.finfo(den.dtype).tiny), old)
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W*, c)`` with ``L(W) = s·[tr((W−W*)H(W−W*)ᵀ) + c]`` (exact for non-singular H)."""

@@ -6,7 +6,7 @@ compressed so far; the layer's statistics are streamed over the calibration
 batches (so the sample count is bounded by time, not memory, and summed across
 ranks under ``torch.distributed``); the layer is solved with
 :func:`cdfast.distill_layer` and written back; then the walk moves on. At the end
-pruned channels are physically removed (:mod:`cdfast.surgery`).
+pruned channels are physically removed (:mod:`cdfast.model.surgery`).
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .constraints import normalize
-from .distill import distill_layer
-from .statistics import LayerStatistics
+from ..layer.constraints import normalize
+from ..layer.distill import distill_layer
+from ..layer.statistics import LayerStatistics
 from .surgery import fold_batchnorm, shrink_channels
-from .walk import as_sequence, capture_input, execution_order, run_blocks
+from .counting import count_flops, count_parameters
+from .walk import as_sequence, calibration_batches, capture_input, execution_order, run_blocks
 
 __all__ = ["compress", "CompressionReport", "POLICIES"]
 
@@ -82,21 +83,6 @@ class CompressionReport:
 
     def table(self) -> str:
         return "\n".join(l.line() for l in self.layers)
-
-
-def _batches(data, batch_size: int) -> list[torch.Tensor]:
-    """Calibration inputs as a list of tensors (labels, if any, are dropped)."""
-    if isinstance(data, torch.Tensor):
-        return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    out = []
-    for item in data:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"data: expected tensors or (input, label) batches, got {type(x).__name__}")
-        out.append(x)
-    return out
 
 
 def _policy(policy: str, order: list[str], model: nn.Module) -> dict[str, str]:
@@ -157,15 +143,13 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     compression = normalize(compression)
-    batches = _batches(data, batch_size)
+    batches = calibration_batches(data, batch_size)
     if not batches or sum(len(b) for b in batches) == 0:
         raise ValueError("data: expected at least one calibration sample, got none")
     params = list(teacher.parameters())
     device = params[0].device if params else torch.device("cpu")
     if batches[0].device != device:
         raise ValueError(f"data: expected tensors on the model's device {device}, got {batches[0].device}")
-    from .models import count_flops, count_parameters
-
     teacher_mode = teacher.training
     teacher.eval()
     order, leaves = execution_order(teacher, batches[0][:1])

@@ -1,6 +1,6 @@
 """Teacher training on Fashion-MNIST, with an on-disk cache, and accuracy evaluation.
 
-:func:`train_teacher` trains a network from :mod:`cdfast.models` with SGD
+:func:`train_teacher` trains a network from :mod:`cdfast.experiments.models` with SGD
 (Nesterov momentum 0.9, weight decay 5e-4) and a per-step schedule: a linear
 warm-up over the first 3 % of the steps, then cosine decay to zero. The trained
 ``state_dict`` is cached as ``{cache_dir}/{model_name}-e{epochs}-s{seed}.pt``, so a
@@ -90,7 +90,7 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
     """A teacher trained on the Fashion-MNIST train split, from the cache when present.
 
     Args:
-        model_name: a name :func:`cdfast.models.build_model` accepts (``"resnet20"``,
+        model_name: a name :func:`cdfast.experiments.models.build_model` accepts (``"resnet20"``,
             ``"resnet56"``, ``"vgg_small"``, ``"vgg16"``, ``"small_cnn"``, …).
         epochs: passes over the training set.
         batch_size: SGD batch size.
@@ -100,7 +100,7 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
         cache_dir: where trained weights are kept (default :func:`default_cache_dir`).
         device: where to train; the returned model is on it.
         max_train: train on a seeded random subset of this many images (for tests).
-        root: Fashion-MNIST folder, passed to :func:`cdfast.data.load_fashion_mnist`.
+        root: Fashion-MNIST folder, passed to :func:`cdfast.experiments.data.load_fashion_mnist`.
         progress: show a tqdm bar per epoch; ``None``: only when stderr is a terminal.
 
     Returns:

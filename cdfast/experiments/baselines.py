@@ -13,7 +13,7 @@ fitnet    l1, then hint training: MSE to the teacher's block outputs, then to it
 thinet    greedy channel removal minimising the layer-output reconstruction error
           (Luo et al. 2017), then least squares on the kept channels
 cp        LASSO channel selection (He et al. 2017), then least squares
-fskd      l1, then :func:`cdfast.fskd.fskd`
+fskd      l1, then :func:`cdfast.model.fskd.fskd`
 nc/cross/soft  :func:`cdfast.compress` with ``loss=`` that name
 ========  ====================================================================
 
@@ -24,7 +24,7 @@ with ``Z_i`` the contribution of input channel ``i`` to the teacher layer's outp
 on the student's input and ``Y`` the teacher layer's output on the teacher's
 input, ``a_ij = <Z_i, Z_j>`` and ``b_i = <Z_i, Y>`` are read off the Grams, so
 selection costs ``O(C_in²)`` per step and the final least squares is one ``D×D``
-solve. All students are physically shrunk (:func:`cdfast.surgery.shrink_channels`).
+solve. All students are physically shrunk (:func:`cdfast.model.surgery.shrink_channels`).
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compress import _policy
+from ..model.compress import _policy
 from .models import count_flops, count_parameters
-from .statistics import LayerStatistics
-from .surgery import shrink_channels
-from .walk import capture_input, execution_order
+from ..layer.statistics import LayerStatistics
+from ..model.surgery import shrink_channels
+from ..model.walk import capture_input, execution_order
 
 __all__ = ["run", "METHODS", "layer_gram_terms", "reconstruction_error"]
 
@@ -222,7 +222,7 @@ def _shrink(student, kept, leaves, xs):
 
 
 def _block_points(model):
-    from .fskd import fskd_blocks
+    from ..model.fskd import fskd_blocks
 
     names = {m: n for n, m in model.named_modules()}
     return [names[b] for b in fskd_blocks(model) if b in names]
@@ -324,7 +324,7 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
         seed: seed of the batch order (bp/fitnet).
         lr: Adam learning rate of bp/fitnet.
         **kw: options of :func:`cdfast.compress` (``solver``, ``mu`` …), used by nc/cross/soft,
-            and of :func:`cdfast.fskd.fskd` (``ridge``, ``fit_intercept``, ``kept_outputs``),
+            and of :func:`cdfast.model.fskd.fskd` (``ridge``, ``fit_intercept``, ``kept_outputs``),
             used by fskd; the other methods have no such options, so one set of keywords
             can be passed to every method of a comparison.
 
@@ -345,8 +345,8 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
     shape = tuple(xs[0].shape[1:])
     info: dict = {"method": method, "keep": keep, "policy": policy}
     if method in ("nc", "cross", "soft"):
-        from .compress import compress
-        from .constraints import ChannelPrune
+        from ..model.compress import compress
+        from ..layer.constraints import ChannelPrune
 
         ckw = dict(progress=False, verbose=False)
         if steps is not None:
@@ -371,9 +371,9 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
         elif method == "fitnet":
             student = _fit_fitnet(teacher, student, xs, steps or 300, lr, seed)
         elif method == "fskd":
-            from .fskd import fskd
+            from ..model.fskd import fskd
 
-            from .surgery import _producer
+            from ..model.surgery import _producer
 
             kept_out = {}
             for cons, idx in kept.items():

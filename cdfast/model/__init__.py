@@ -1,0 +1,11 @@
+"""A whole network: the walk over its layers, channel surgery, :func:`compress`, FSKD.
+
+Data flow: calibration inputs → the walk (each layer's teacher and student input)
+→ :func:`cdfast.layer.distill_layer` per layer, written back into the student →
+surgery (pruned channels physically removed) → ``(student, CompressionReport)``.
+"""
+from . import fskd
+from .compress import CompressionReport, compress
+from .counting import count_flops, count_parameters
+
+__all__ = ["compress", "CompressionReport", "fskd", "count_parameters", "count_flops"]
