@@ -111,6 +111,7 @@ inline GramArgs parse_gram(const py::dict& d, bool device_ptrs) {
   if (quant) {
     a.scale_mode = dict_dim(d, "scale_mode", 1, 2);
     a.refit_every = dict_dim(d, "refit_every", 1);
+    a.best_from = dict_dim(d, "best_from", 0, INT_MAX, false, 0);
   }
   a.f0 = dict_float(d, "f0", false, 0.0);
   a.nlog = dict_dim(d, "nlog", 0, INT_MAX, false, 0);

@@ -31,7 +31,7 @@ struct GramArgs {
   const void* H = nullptr;
   const void* F = nullptr;
   const void* A = nullptr;
-  const void* Rq = nullptr;  // A*H - F - b*H (quantization refits); may be null without bits
+  const void* Rq = nullptr;  // R = A*H - F (quantization refits); may be null without bits
   void* W = nullptr;   // in: start point; out: final latent weight
   void* Wb = nullptr;  // second buffer
   void* m = nullptr;   // optimizer state, zero on entry
@@ -47,6 +47,7 @@ struct GramArgs {
   int bits = 0;               // 0: no quantization
   int scale_mode = 0;         // 1 per row, 2 per layer
   int refit_every = 1;
+  int best_from = 0;          // first step whose iterate carries the final mask (best-iterate candidates)
   double f0 = 0.0;
   void* scale = nullptr;
   void* best_W = nullptr;

@@ -173,4 +173,14 @@ CD_DEV typename Key<T>::U key_of(T x) {
   return (x != x) ? ~U(0) : (u ^ flip);
 }
 
+// The grid code of w for scale s and L levels: clamp(round(w/s*L), -L, L), round half
+// to even, as torch.round. Every CUDA kernel that rounds to the grid calls this one.
+template <class T>
+CD_DEV T grid_code(T w, T s, T L) {
+  T y = cd_rint(w / s * L);
+  y = y < -L ? -L : y;
+  y = y > L ? L : y;
+  return y;
+}
+
 }  // namespace cdfast

@@ -55,10 +55,7 @@ CD_DEV void gptq_body(const GptqParams<T>& p, GptqShared<T>& sh, const Ctx& ctx)
           T q = w;
           if (j < p.wc) {
             const T s = ld_ro(p.scale + (p.scale_per_row ? r : 0));
-            T c = cd_rint(w / s * L);
-            c = c < -L ? -L : c;
-            c = c > L ? L : c;
-            q = c * (s / L) * static_cast<T>(ld_ro(p.support + idx));
+            q = grid_code(w, s, L) * (s / L) * static_cast<T>(ld_ro(p.support + idx));
           }
           e = (w - q) / ld_ro(p.U + (long long)j * p.D + j);
           p.W[idx] = q;

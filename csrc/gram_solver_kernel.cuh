@@ -11,7 +11,8 @@
 //                   masked, one Adam / SGD step into the other weight buffer W_{i+1};
 //                   partial column sums of squares for channel norms.
 //  ---- grid sync (the next step's gradient needs whole rows of W_{i+1})
-//  Q   quantization: every block sums the loss partials in the same order and, on a
+//  Q   quantization, from step best_from on (the iterates that already carry the
+//      final mask): every block sums the loss partials in the same order and, on a
 //      new best, snapshots its tiles of W_i and the scale (best-iterate tracking).
 //  C   the schedule, where this step has one: channel norms (distributed), n:m
 //      masks, a global radix select for the weight top-k (one histogram pass and
@@ -19,7 +20,8 @@
 //      redundantly from the norms), then on its own tiles: mask update, L1 and
 //      group-lasso prox, W *= mask; grid sync.
 //  R   every steps/10 steps with quantization: closed-form scale refit
-//      s = z.r / z.H.z (a second GEMM with the codes), grid syncs.
+//      s = z.(r - u.H) / z.H.z (a second GEMM with the codes; u the current fitted
+//      bias column, held fixed), grid syncs.
 //
 // Plain steps (no constraint coupling the rows, L1 applied inline) cost one grid
 // sync. Ties in the top-k selections are broken by a fixed order (lowest channel
@@ -53,7 +55,7 @@ struct GramParams {
   int nm_step, nm_n, nm_m;
   double l1, gl;
   int l1_first;
-  int bits, scale_mode, refit_every;
+  int bits, scale_mode, refit_every, best_from;
   double f0, best_init;
   T* scale;
   T* best_W;
@@ -99,6 +101,7 @@ inline GramParams<T> make_params(const GramArgs& a) {
   p.nm_step = a.nm_step, p.nm_n = a.nm_n, p.nm_m = a.nm_m;
   p.l1 = a.l1, p.gl = a.gl, p.l1_first = a.l1_first;
   p.bits = a.bits, p.scale_mode = a.scale_mode, p.refit_every = a.refit_every > 0 ? a.refit_every : 1;
+  p.best_from = a.best_from;
   p.f0 = a.f0;
   p.best_init = std::numeric_limits<double>::infinity();
   p.scale = static_cast<T*>(a.scale);
@@ -266,15 +269,6 @@ CD_DEV T scale_of(const GramParams<T>& p, int g, int r) {
   return p.scale_mode == 1 ? ld_cg(p.scale + (long long)g * p.R + r) : ld_cg(p.scale);
 }
 
-// Straight-through quantizer: clamp(round(w/s*L), -L, L) * (s/L), round half to even.
-template <class T>
-CD_DEV T quant_code(T w, T s, T L) {
-  T y = cd_rint(w / s * L);
-  y = y < -L ? -L : y;
-  y = y > L ? L : y;
-  return y;
-}
-
 template <class T>
 CD_DEV T soft(T w, T t) {
   T a = cd_fabs(w) - t;
@@ -293,7 +287,7 @@ CD_DEV T delta_at(const GramParams<T>& p, const T* Wc, int g, int r, int k, T L)
     const T mk = static_cast<T>(ld_cg(p.mask + idx));
     if (k < p.wc) {
       const T s = scale_of(p, g, r);
-      w = quant_code(w, s, L) * (s / L);
+      w = grid_code(w, s, L) * (s / L);
     }
     w = w * mk;
   }
@@ -305,7 +299,7 @@ template <class T>
 CD_DEV T z_at(const GramParams<T>& p, const T* Wn, int g, int r, int k, T L) {
   if (k >= p.wc) return T(0);
   const long long idx = ((long long)g * p.R + r) * p.D + k;
-  return quant_code(ld_cg(Wn + idx), scale_of(p, g, r), L) / L;
+  return grid_code(ld_cg(Wn + idx), scale_of(p, g, r), L) / L;
 }
 
 // acc[i][j] = sum_k X[r0 + 4ty + i, k] * H[g][k, c0 + 4tx + j], X = delta (mode 0) or z (mode 1).
@@ -550,8 +544,8 @@ CD_DEV void gram_body(const GramParams<T>& p, GramShared<T>& sh, const Ctx& ctx)
                      step_size, bc2, L);
     ctx.grid_sync();
 
-    // Q: best projected iterate (quantization)
-    if (p.bits > 0) {
+    // Q: best projected iterate (quantization), among iterates with the final mask
+    if (p.bits > 0 && i >= p.best_from) {
       double part = 0.0;
       for (int t = tid; t < p.ntiles; t += kThreads) part += ld_cg(p.loss_part + (i & 1) * p.ntiles + t);
       const double total = block_sum(sh, ctx, part) + p.f0;
@@ -724,8 +718,13 @@ CD_DEV void gram_body(const GramParams<T>& p, GramShared<T>& sh, const Ctx& ctx)
                 const double z = static_cast<double>(z_at(p, Wn, g, r, c, L));
                 if (pass == 0)
                   s += static_cast<double>(acc[ii][jj]) * z;
-                else
-                  s += z * static_cast<double>(ld_ro(p.Rq + ((long long)g * p.R + r) * p.D + c));
+                else {
+                  double rq = static_cast<double>(ld_ro(p.Rq + ((long long)g * p.R + r) * p.D + c));
+                  if (p.wc < p.D)  // the fitted bias column u is held fixed: r - u.H
+                    rq -= static_cast<double>(ld_cg(Wn + ((long long)g * p.R + r) * p.D + p.wc)) *
+                          static_cast<double>(ld_ro(p.H + ((long long)g * p.D + p.wc) * p.D + c));
+                  s += z * rq;
+                }
               }
             sh.rowred[ty * 4 + ii][tx] = s;
           }

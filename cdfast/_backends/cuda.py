@@ -2,7 +2,7 @@
 
 ``gram_solve``
     The persistent fused Gram-form solver (``csrc/gram_solver_kernel.cuh``): one
-    cooperative launch runs every step of :func:`cdfast.solvers.gram_iterative` for
+    cooperative launch runs every step of :func:`cdfast.layer.solvers.gram_iterative` for
     one layer — gradient ``(W−A)·H + F``, Adam or SGD+momentum with masked state,
     the constraint schedule (channel top-k ramp and lr drop, weight top-k ramp, N:M,
     L1 and group-lasso prox, straight-through B-bit quantization with best-iterate
@@ -11,7 +11,7 @@
     (the kernel sums in another order and accumulates reductions in float64);
     top-k ties are broken by a fixed order (lowest channel index).
 ``gptq_round``
-    The GPTQ-style rounding pass (same signature as :func:`cdfast.solvers.gptq_round`).
+    The GPTQ-style rounding pass (same signature as :func:`cdfast.layer.solvers.gptq_round`).
 
 The extension is linked against the static CUDA runtime, so it imports where no
 GPU is; the probe then says why the backend cannot run. Combinations the kernel
@@ -24,8 +24,9 @@ import math
 import torch
 
 from .. import dispatch
-from ..constraints import L1, GroupLasso
 from ..dispatch import Unsupported, register
+from ..layer.constraints import L1, GroupLasso
+from ..layer.solvers.iterative import history_steps
 
 _ext = None
 _import_error: str | None = None
@@ -59,35 +60,14 @@ dispatch.register_probe("cuda", _probe)
 
 
 # ------------------------------------------------------------------ gram_solve
-def _schedule(plan, cfg, numel_w: int):
-    """Per-step constants, computed exactly as ConstraintPlan/_Optimizer compute them."""
-    steps = cfg.steps
-    b1, b2 = cfg.betas
-    sched_f, sched_i = [], []
-    prev = getattr(plan, "_channels_prev", None)
-    from ..solvers import _log_every
-
-    every = _log_every(cfg)
-    log_steps = []
-    for i in range(steps):
-        lr_i = cfg.lr * plan.lr_factor(i)
-        t = i + 1
-        sched_f.append((lr_i, lr_i / (1 - b1 ** t), math.sqrt(1 - b2 ** t)))
-        chan_k = 0
-        if plan.channel is not None and i <= plan.ramp_end:
-            k = plan.channel_budget(i)
-            if k < prev:
-                chan_k, prev = k, k
-        weight_k = -1
-        if plan.weight is not None and i <= plan.ramp_end:
-            k = plan.weight_budget(i)
-            weight_k = k if k < numel_w else -1  # keeping everything changes nothing
-        slot = -1
-        if i % every == 0 or i == steps - 1:
-            slot = len(log_steps)
-            log_steps.append(i)
-        sched_i.append((chan_k, weight_k, slot))
-    return sched_f, sched_i, log_steps, prev
+def _schedule_arrays(plan, cfg, log_steps: list[int]):
+    """The plan's :class:`~cdfast.layer.plan.StepSchedule` as the kernel's two tables:
+    per step ``(lr, lr/(1−β₁ᵗ), √(1−β₂ᵗ))`` and ``(channel_k, weight_k, log_slot)``."""
+    sched = plan.schedule
+    slot = {s: j for j, s in enumerate(log_steps)}
+    sched_f = sched.optimizer_table(cfg.lr, cfg.betas)
+    sched_i = [(sched.channel_k[i], sched.weight_k[i], slot.get(i, -1)) for i in range(cfg.steps)]
+    return sched_f, sched_i
 
 
 def _check_supported(quad, plan, cfg) -> None:
@@ -108,13 +88,11 @@ def _check_supported(quad, plan, cfg) -> None:
 def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     """Run the persistent solver of ``ext`` (default: ``cdfast._cuda``) on ``quad``.
 
-    Same contract as :func:`cdfast.solvers.gram_iterative`: returns
+    Same contract as :func:`cdfast.layer.solvers.gram_iterative`: returns
     ``(W_latent, history)`` and leaves ``plan.mask`` / ``plan.scale`` as it does.
     ``ext`` may be the CPU emulation of the tests (host tensors); ``max_blocks``
     caps the grid (0: as many blocks as fit on the device).
     """
-    from ..solvers import _row_loss_fn
-
     ext = _ext if ext is None else ext
     if ext is None:
         raise Unsupported(_import_error or "the CUDA extension is not built")
@@ -137,10 +115,10 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     if G != geo.groups or D not in (wc, wc + 1) or tuple(plan.mask.shape) != (G, R, D):
         raise ValueError("plan: its geometry and mask do not match the quadratic")
     dt = A.dtype
-    numel_w = G * R * wc
-    sched_f, sched_i, log_steps, chan_prev = _schedule(plan, cfg, numel_w)
+    log_steps = history_steps(cfg)
+    sched_f, sched_i = _schedule_arrays(plan, cfg, log_steps)
     steps = cfg.steps
-    nm_step = plan.ramp_end if (plan.nm is not None and plan.ramp_end < steps) else -1
+    nm_step = plan.schedule.nm_step
     l1 = next((p for p in plan.penalties if isinstance(p, L1)), None)
     gl = next((p for p in plan.penalties if isinstance(p, GroupLasso)), None)
     l1_first = int(l1 is not None and gl is not None and plan.penalties.index(l1) < plan.penalties.index(gl))
@@ -172,19 +150,15 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
                 workspace=ws.data_ptr(), workspace_bytes=ws.numel(), max_blocks=int(max_blocks))
     keep = [H, Fm, A, W, Wb, m, v, mask, log_part, ws, f_sched, i_sched]
     if plan.quant is not None:
-        plan.init_scale(W, _row_loss_fn(quad))
+        plan.init_scale(W, quad.row_values)
         scale = plan.scale.reshape(-1).to(dt).contiguous().clone()
-        Rq = torch.bmm(A, H) - Fm
-        if wc < D:  # the fitted bias column is not on the grid: a constant on the right-hand side
-            b = torch.zeros_like(A)
-            b[..., wc:] = A[..., wc:]
-            Rq = Rq - torch.bmm(b, H)
+        Rq = torch.bmm(A, H) - Fm  # the kernel subtracts the current bias column's share
         Rq = Rq.contiguous()
         best_W = W.clone()
         best_scale = scale.clone()
         best_val = torch.zeros(1, dtype=torch.float64, device=device)
         args.update(bits=plan.quant.bits, scale_mode=1 if plan.quant.per_channel else 2,
-                    refit_every=max(1, steps // 10), scale=scale.data_ptr(), Rq=Rq.data_ptr(),
+                    refit_every=max(1, steps // 10), best_from=plan.schedule.final_from, scale=scale.data_ptr(), Rq=Rq.data_ptr(),
                     best_W=best_W.data_ptr(), best_scale=best_scale.data_ptr(), best_val=best_val.data_ptr())
         keep += [scale, Rq, best_W, best_scale, best_val]
     if not emulated:
@@ -197,10 +171,6 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
 
     # Results and the plan's state, as gram_iterative leaves them.
     plan.mask = mask.bool()
-    if plan.channel is not None:
-        plan._channels_prev = chan_prev
-    if steps - 1 >= plan.ramp_end:
-        plan.mask_fixed = True
     if plan.quant is not None:
         W = best_W
         plan.scale = best_scale.reshape(plan.scale.shape)
@@ -213,14 +183,14 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
 
 @register("gram_solve", "cuda")
 def gram_solve(quad, plan, cfg):
-    """The persistent CUDA solver; same contract as :func:`cdfast.solvers.gram_iterative`."""
+    """The persistent CUDA solver; same contract as :func:`cdfast.layer.solvers.gram_iterative`."""
     return solve(quad, plan, cfg)
 
 
 # ------------------------------------------------------------------ gptq_round
 def gptq_round(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, weight_cols: int,
                support: torch.Tensor, damping: float, block: int = 128, ext=None) -> torch.Tensor:
-    """GPTQ-style rounding of one group's ``W`` (rows, D); see :func:`cdfast.solvers.gptq_round`.
+    """GPTQ-style rounding of one group's ``W`` (rows, D); see :func:`cdfast.layer.solvers.gptq_round`.
 
     ``block`` is accepted for signature compatibility: the kernel applies every
     error update at once (the same sums, rounded in another order).
