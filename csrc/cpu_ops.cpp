@@ -1,11 +1,13 @@
-// cdfast._cpu: the projection operators of cdfast.constraints on the CPU.
+// cdfast._cpu: the top-k selection of cdfast.layer.constraints.topk_mask on the CPU.
 //
-// Every function works on raw pointers (tensor.data_ptr()) and sizes; the Python
-// wrappers in cdfast/_backends/cpp.py check dtypes, devices, shapes and
-// contiguity before calling. The semantics are those of the torch oracle
-// (cdfast.constraints): same formulas, same order of the floating-point
-// operations where it matters for bitwise equality (soft_threshold, quantize),
-// double accumulation for the channel norms.
+// The budget schedules select the k largest of every weight magnitude at each
+// ramp step; a radix select is 5x faster than torch.topk there (1.1-1.2x on a
+// whole distill_layer call with a weight budget, bench/). The other projection
+// operators gained nothing measurable over torch and were removed.
+//
+// The function works on raw pointers (tensor.data_ptr()) and sizes; the Python
+// wrapper in cdfast/_backends/cpp.py checks dtypes, devices, shapes and
+// contiguity before calling.
 //
 // dtype codes: 0 = float32, 1 = float64.
 #include <pybind11/pybind11.h>
@@ -57,108 +59,6 @@ void check_ptr(const char* name, int64_t p, int64_t n) {
 void check_dtype(int dtype) {
   if (dtype != 0 && dtype != 1)
     throw std::invalid_argument("dtype: expected 0 (float32) or 1 (float64), got " + std::to_string(dtype));
-}
-
-// ------------------------------------------------------------- soft threshold
-// sign(w) * max(|w| - t, 0), t cast to T first (as torch does with a Python scalar).
-template <class T>
-void soft_threshold_impl(const T* __restrict in, T* __restrict out, int64_t n, double threshold, int nt) {
-  const T t = static_cast<T>(threshold);
-  const T zero = T(0);
-#pragma omp parallel for schedule(static) num_threads(threads_for(n, nt))
-  for (int64_t i = 0; i < n; ++i) {
-    // Branch-free (random signs would defeat the branch predictor): selects only.
-    const T w = in[i];
-    T a = std::fabs(w) - t;
-    a = a > zero ? a : zero;
-    T r = std::copysign(a, w);
-    r = w == zero ? zero : r;  // sign(0) = 0, whatever t
-    out[i] = w != w ? w : r;   // NaN stays NaN
-  }
-}
-
-void soft_threshold(int64_t in, int64_t out, int64_t n, double threshold, int dtype, int nthreads) {
-  check_dtype(dtype);
-  if (n < 0) throw std::invalid_argument("n: expected >= 0");
-  check_ptr("w", in, n);
-  check_ptr("out", out, n);
-  py::gil_scoped_release nogil;
-  if (dtype == 0)
-    soft_threshold_impl(ptr<const float>(in), ptr<float>(out), n, threshold, nthreads);
-  else
-    soft_threshold_impl(ptr<const double>(in), ptr<double>(out), n, threshold, nthreads);
-}
-
-// ---------------------------------------------------------------- group shrink
-// W: (G, R, C) rows, the first group_in*taps columns are the weight (input
-// channel major, then tap), a trailing bias column (C = group_in*taps + 1) is
-// left as it is. norm_{g,i} = ||W[g, :, i*taps:(i+1)*taps]||_2 (accumulated in
-// double), factor = max(1 - t / max(norm, tiny), 0).
-template <class T>
-void group_shrink_impl(const T* __restrict in, T* __restrict out, int64_t G, int64_t R, int64_t C,
-                       int64_t group_in, int64_t taps, double threshold, int nt) {
-  const int64_t wc = group_in * taps;
-  const int64_t rows = G * R;
-  const int nthr = threads_for(rows * C, nt);
-  std::vector<double> sq(static_cast<size_t>(nthr) * G * wc, 0.0);
-  std::vector<T> factor(static_cast<size_t>(G * C));
-  const double tiny = static_cast<double>(std::numeric_limits<T>::min());
-#pragma omp parallel num_threads(nthr)
-  {
-    const int tid = thread_id();
-    double* mine = sq.data() + static_cast<size_t>(tid) * G * wc;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t g = r / R;
-      const T* row = in + r * C;
-      double* acc = mine + g * wc;
-      for (int64_t j = 0; j < wc; ++j) {
-        const double v = static_cast<double>(row[j]);
-        acc[j] += v * v;
-      }
-    }
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < G * group_in; ++gi) {
-      const int64_t g = gi / group_in, i = gi % group_in;
-      double s = 0.0;
-      for (int th = 0; th < nthr; ++th) {
-        const double* a = sq.data() + (static_cast<size_t>(th) * G + g) * wc + i * taps;
-        for (int64_t t = 0; t < taps; ++t) s += a[t];
-      }
-      const double norm = std::max(std::sqrt(s), tiny);
-      const double f = std::max(1.0 - threshold / norm, 0.0);
-      const T fT = static_cast<T>(f);
-      for (int64_t t = 0; t < taps; ++t) factor[g * C + i * taps + t] = fT;
-      if (i == 0)
-        for (int64_t j = wc; j < C; ++j) factor[g * C + j] = T(1);
-    }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t g = r / R;
-      const T* row = in + r * C;
-      const T* f = factor.data() + g * C;
-      T* o = out + r * C;
-      for (int64_t j = 0; j < C; ++j) o[j] = row[j] * f[j];
-    }
-  }
-}
-
-void group_shrink(int64_t in, int64_t out, int64_t G, int64_t R, int64_t C, int64_t group_in, int64_t taps,
-                  double threshold, int dtype, int nthreads) {
-  check_dtype(dtype);
-  if (G < 1 || R < 0 || group_in < 1 || taps < 1)
-    throw std::invalid_argument("geometry: expected groups, group_in, taps >= 1 and rows >= 0");
-  if (C != group_in * taps && C != group_in * taps + 1)
-    throw std::invalid_argument("W: expected group_in*taps columns (+1 for a bias), got " + std::to_string(C));
-  const int64_t n = G * R * C;
-  check_ptr("W", in, n);
-  check_ptr("out", out, n);
-  if (n == 0) return;
-  py::gil_scoped_release nogil;
-  if (dtype == 0)
-    group_shrink_impl(ptr<const float>(in), ptr<float>(out), G, R, C, group_in, taps, threshold, nthreads);
-  else
-    group_shrink_impl(ptr<const double>(in), ptr<double>(out), G, R, C, group_in, taps, threshold, nthreads);
 }
 
 // -------------------------------------------------------------------- top-k
@@ -317,75 +217,6 @@ void topk_mask(int64_t scores, int64_t out, int64_t n, int64_t k, int dtype, int
     topk_mask_impl(ptr<const double>(scores), ptr<bool>(out), n, k, nthreads);
 }
 
-// ------------------------------------------------------------------ quantize
-// codes = clamp(round(W / s * L), -L, L) (round half to even), values = codes * (s / L).
-// scale_mode: 0 one scale, 1 one per row of `cols` elements, 2 one per element.
-// Round half to even of |x| <= 2^22 without a libm call (vectorizes): adding and
-// subtracting 1.5*2^(mantissa bits) rounds in the FPU's default mode, nearest-even.
-// Valid because the build never enables -ffast-math (it would fold the two).
-inline float rne(float x) {
-  const float m = 12582912.0f;  // 1.5 * 2^23
-  return (x + m) - m;
-}
-inline double rne(double x) {
-  const double m = 6755399441055744.0;  // 1.5 * 2^52
-  return (x + m) - m;
-}
-
-template <class T>
-inline void quantize_one(T w, T s, T sL, T L, int8_t* code, T* value) {
-  // Selects only, so the loop vectorizes; NaN (0/0) gives code 0 and a NaN value as torch.
-  const T y = w / s * L;
-  const bool nan = y != y;
-  T yc = y < -L ? -L : (y > L ? L : y);
-  yc = nan ? T(0) : yc;
-  const T q = rne(yc);  // |yc| <= 127
-  *code = static_cast<int8_t>(static_cast<int32_t>(q));
-  *value = nan ? y : q * sL;
-}
-
-template <class T>
-void quantize_impl(const T* __restrict W, const T* __restrict scale, int scale_mode, int64_t rows, int64_t cols,
-                   int bits, int8_t* __restrict codes, T* __restrict values, int nt) {
-  const T L = static_cast<T>((1 << (bits - 1)) - 1);
-  const int64_t n = rows * cols;
-  if (scale_mode == 2) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(n, nt))
-    for (int64_t i = 0; i < n; ++i) quantize_one(W[i], scale[i], scale[i] / L, L, codes + i, values + i);
-    return;
-  }
-#pragma omp parallel for schedule(static) num_threads(threads_for(n, nt))
-  for (int64_t r = 0; r < rows; ++r) {
-    const T s = scale_mode == 0 ? scale[0] : scale[r];
-    const T sL = s / L;
-    const T* w = W + r * cols;
-    int8_t* c = codes + r * cols;
-    T* v = values + r * cols;
-    for (int64_t j = 0; j < cols; ++j) quantize_one(w[j], s, sL, L, c + j, v + j);
-  }
-}
-
-void quantize(int64_t W, int64_t scale, int scale_mode, int64_t rows, int64_t cols, int bits, int64_t codes,
-              int64_t values, int dtype, int nthreads) {
-  check_dtype(dtype);
-  if (bits < 2 || bits > 8) throw std::invalid_argument("bits: expected an int in 2..8, got " + std::to_string(bits));
-  if (scale_mode < 0 || scale_mode > 2) throw std::invalid_argument("scale_mode: expected 0, 1 or 2");
-  if (rows < 0 || cols < 0) throw std::invalid_argument("rows, cols: expected >= 0");
-  const int64_t n = rows * cols;
-  check_ptr("W", W, n);
-  check_ptr("scale", scale, n);
-  check_ptr("codes", codes, n);
-  check_ptr("values", values, n);
-  if (n == 0) return;
-  py::gil_scoped_release nogil;
-  if (dtype == 0)
-    quantize_impl(ptr<const float>(W), ptr<const float>(scale), scale_mode, rows, cols, bits, ptr<int8_t>(codes),
-                  ptr<float>(values), nthreads);
-  else
-    quantize_impl(ptr<const double>(W), ptr<const double>(scale), scale_mode, rows, cols, bits,
-                  ptr<int8_t>(codes), ptr<double>(values), nthreads);
-}
-
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -397,18 +228,9 @@ int max_threads() {
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "cdfast CPU kernels: projection operators on raw pointers (see cdfast/_backends/cpp.py)";
-  m.def("soft_threshold", &soft_threshold, py::arg("w"), py::arg("out"), py::arg("n"), py::arg("threshold"),
-        py::arg("dtype"), py::arg("nthreads") = 1,
-        "out[i] = sign(w[i]) * max(|w[i]| - threshold, 0)");
-  m.def("group_shrink", &group_shrink, py::arg("W"), py::arg("out"), py::arg("groups"), py::arg("rows"),
-        py::arg("cols"), py::arg("group_in"), py::arg("taps"), py::arg("threshold"), py::arg("dtype"),
-        py::arg("nthreads") = 1, "Group-lasso prox over input channels of the (G, R, C) matrix view");
+  m.doc() = "cdfast CPU kernels: top-k selection on raw pointers (see cdfast/_backends/cpp.py)";
   m.def("topk_mask", &topk_mask, py::arg("scores"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("dtype"),
         py::arg("nthreads") = 1, "out (bool) marks the k largest scores; ties by lowest index");
-  m.def("quantize", &quantize, py::arg("W"), py::arg("scale"), py::arg("scale_mode"), py::arg("rows"),
-        py::arg("cols"), py::arg("bits"), py::arg("codes"), py::arg("values"), py::arg("dtype"),
-        py::arg("nthreads") = 1, "codes (int8) and values of W on the grid scale*{0, +-1/L, ..., +-1}");
   m.def("max_threads", &max_threads);
 #ifdef _OPENMP
   m.attr("openmp") = true;
