@@ -60,7 +60,8 @@ def authors_channel_prune(teacher: nn.Conv2d, h_t: torch.Tensor, h_s: torch.Tens
         if record:
             losses.append(float(loss.detach()))
         if i <= steps // 3:
-            left = int((ci - target) * (third - i) / third) + target if third > 0 else target
+            # the released chnl_learner.py's order: the fraction first, then the product
+            left = int((ci - target) * float((third - i) / third)) + target if third > 0 else target
             if left < prev:
                 with torch.no_grad():
                     norms = weight.permute(1, 0, 2, 3).reshape(ci, -1).norm(dim=1)

@@ -242,7 +242,8 @@ def test_gpu_distill_layer_cuda_equals_torch(compression):
     conv = nn.Conv2d(16, 24, 3, padding=1).double().cuda()
     h_t = torch.randn(8, 16, 8, 8, dtype=torch.float64, device="cuda")
     h_s = h_t + 0.3 * torch.randn_like(h_t)
-    kw = dict(loss="nc", compression=compression, steps=40, lr=1e-2, stats_dtype=torch.float64, log_every=1)
+    kw = dict(loss="nc", compression=compression, solver="adam", steps=40, lr=1e-2, stats_dtype=torch.float64,
+              log_every=1)
     a = cdfast.distill_layer(conv, h_t, h_s, backend="cuda", **kw)
     b = cdfast.distill_layer(conv, h_t, h_s, backend="torch", **kw)
     assert a.backend == "cuda"

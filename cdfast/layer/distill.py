@@ -13,6 +13,7 @@ from .._validation import check_pair, check_positive_float, check_positive_int
 from .geometry import LayerGeometry
 from .data_form import data_loss
 from .losses import ActivationSpec, LossSpec, Quadratic
+from .constraints import NMSparsity, WeightPrune, normalize
 from .plan import ConstraintPlan
 from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve
 from .statistics import LayerStatistics
@@ -20,6 +21,7 @@ from .statistics import LayerStatistics
 __all__ = ["distill_layer", "DistillResult"]
 
 FORMS = ("auto", "gram", "data")
+ITERATIVE = ("adam", "sgd")
 
 
 @dataclass
@@ -71,11 +73,24 @@ class DistillResult:
         return float((self.weight == 0).float().mean())
 
     def apply_to(self, layer: nn.Module) -> nn.Module:
-        """Copy the result into ``layer`` (a Conv2d/Linear of the teacher's shape)."""
+        """Copy the result into ``layer`` (a Conv2d/Linear of the teacher's shape).
+
+        A bias fitted for a layer that has none (``fit_bias=True``) is added to the layer
+        as a new parameter, so the layer computes exactly what ``loss_after`` measured.
+        """
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"layer: expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+        if tuple(layer.weight.shape) != tuple(self.weight.shape):
+            raise ValueError(f"layer: expected a weight of shape {tuple(self.weight.shape)}, "
+                             f"got {tuple(layer.weight.shape)}")
         with torch.no_grad():
             layer.weight.copy_(self.weight)
-            if self.bias is not None and layer.bias is not None:
-                layer.bias.copy_(self.bias)
+            if self.bias is not None:
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(self.bias.to(layer.weight).clone(),
+                                              requires_grad=layer.weight.requires_grad)
+                else:
+                    layer.bias.copy_(self.bias)
         return layer
 
 
@@ -118,7 +133,7 @@ def distill_layer(teacher_layer: nn.Module,
                   objective: str = "linear",
                   activation: nn.Module | ActivationSpec | None = None,
                   compression=None,
-                  solver: str = "adam",
+                  solver: str = "auto",
                   steps: int = 3000,
                   lr: float = 5e-4,
                   momentum: float = 0.9,
@@ -149,12 +164,18 @@ def distill_layer(teacher_layer: nn.Module,
         activation: σ of the activation objective: a following BatchNorm (folded) or an
             :class:`ActivationSpec`; a plain ReLU when None.
         compression: a constraint of :mod:`cdfast.layer.constraints` or a list of them.
-        solver: ``"adam"`` (the authors' procedure), ``"sgd"`` (momentum) or ``"exact"``.
+        solver: ``"exact"`` (the quadratic solved directly), ``"adam"`` (the authors'
+            procedure), ``"sgd"`` (momentum), or ``"auto"`` (default): ``exact`` on the
+            Gram form, except for weight and N:M budgets (their exact solve re-factorises
+            per row and is slower than Adam on large layers), ``adam`` on the data form.
+            ``result.solver`` says which ran; ``"none"`` when nothing was to be done (no
+            compression and a teacher that is already optimal, loss 0).
         steps: iterations of ``adam``/``sgd`` (the authors use 3000 on CIFAR-sized data).
         lr: learning rate (5e-4 as the authors' VGG setting; 1e-3 for ResNet-56).
         form: ``"gram"`` (cost per step independent of N), ``"data"`` (convolutions), or
             ``"auto"``: Gram for the linear objective, data for the activation objective.
-        fit_bias: also fit the bias (else it stays the teacher's).
+        fit_bias: also fit the bias (else it stays the teacher's); a layer without a bias
+            gets one (:meth:`DistillResult.apply_to` adds it to the layer).
         stats_dtype: accumulation dtype of the statistics (float32 or float64).
         damping: relative damping δ of ``H`` where it is inverted (see :mod:`cdfast.layer.losses`).
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
@@ -167,14 +188,20 @@ def distill_layer(teacher_layer: nn.Module,
     start = time.perf_counter()
     geometry = LayerGeometry.of(teacher_layer)
     spec = LossSpec(loss, mu, alpha, beta, objective, _activation(activation))
-    if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    if not isinstance(solver, str) or solver not in SOLVERS + ("auto",):
+        raise ValueError(f"solver: expected 'auto' or one of {SOLVERS}, got {solver!r}")
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
     check_positive_int("steps", steps)
     check_positive_float("lr", lr)
+    for name, flag in (("fit_bias", fit_bias), ("strict", strict)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
     if form == "auto":
         form = "gram" if objective == "linear" else "data"
+    if solver == "auto":
+        budgets = [c for c in normalize(compression) if isinstance(c, (WeightPrune, NMSparsity))]
+        solver = "exact" if form == "gram" and not budgets else "adam"
     if form == "gram" and objective != "linear":
         raise ValueError("form: the Gram form needs objective='linear'; use form='data'")
     if solver == "exact" and form != "gram":
@@ -215,7 +242,9 @@ def distill_layer(teacher_layer: nn.Module,
             stats.update_many(pairs)
         quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping)
         loss_teacher = float(quad.loss(anchor))
-        if solver == "exact":
+        if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
+            W, history, backend_used, solver = anchor.clone(), [(0, 0.0)], "torch", "none"
+        elif solver == "exact":
             W, history = exact_solve(quad, plan, backend, strict)
             backend_used = "torch"
         else:
@@ -270,7 +299,7 @@ def distill_layer(teacher_layer: nn.Module,
         solver=solver,
         form=form,
         backend=backend_used,
-        steps=steps if solver != "exact" else 0,
+        steps=steps if solver in ITERATIVE else 0,
     )
 
 
@@ -286,9 +315,10 @@ def _finalize(W: torch.Tensor, plan: ConstraintPlan, quad: Quadratic | None):
         return W, None, None
     wc = plan.geometry.cols
     codes = plan.codes(W)
-    if quad is not None:
-        plan.scale = quad.best_scale(codes, plan.quant.levels, plan.quant.per_channel, plan.scale, W)
+    free = W[..., wc:]  # a fitted bias: not on the grid
+    if quad is not None:  # the closed-form scale (and bias) for these codes
+        plan.scale, free = quad.refit_grid(codes, plan.quant.levels, plan.quant.per_channel, plan.scale, W)
     L = plan.quant.levels
     vals = codes.to(W.dtype) * (plan.scale / L)
-    W = torch.cat([vals, W[..., wc:]], dim=-1) if W.shape[-1] > wc else vals
+    W = torch.cat([vals, free.to(W.dtype)], dim=-1) if W.shape[-1] > wc else vals
     return W * plan.mask, codes * plan.mask[..., :wc], plan.scale

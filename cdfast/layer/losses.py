@@ -315,12 +315,16 @@ class Quadratic:
         """``R = A·H − F``: the gradient is ``2s·(W·H − R)``."""
         return torch.bmm(self.anchor, self.H) - self.F
 
-    def damped_H(self, H: torch.Tensor | None = None) -> torch.Tensor:
+    def damping_lambda(self, H: torch.Tensor | None = None) -> torch.Tensor:
+        """``λ = δ·mean(diag H)`` per group, shape ``(G,)``: the damping added where ``H`` is inverted."""
         H = self.H if H is None else H
         d = torch.diagonal(H, dim1=-2, dim2=-1)
-        lam = self.damping * d.mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+        return self.damping * d.mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+
+    def damped_H(self, H: torch.Tensor | None = None) -> torch.Tensor:
+        H = self.H if H is None else H
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-        return H + lam[..., None, None] * eye
+        return H + self.damping_lambda(H)[..., None, None] * eye
 
     def minimizer(self) -> torch.Tensor:
         """``W* = A − F H_δ⁻¹`` (unconstrained optimum; see the module docstring)."""
@@ -360,6 +364,41 @@ class Quadratic:
             num, den = num.sum().reshape(1, 1, 1), den.sum().reshape(1, 1, 1)
         ok = (den > 0) & (num > 0)
         return torch.where(ok, num / den.clamp_min(torch.finfo(den.dtype).tiny), old)
+
+    def refit_grid(self, codes: torch.Tensor, levels: int, per_channel: bool, old: torch.Tensor,
+                   W: torch.Tensor, rounds: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The grid scale and the free columns (a fitted bias) that minimise the quadratic
+        for fixed codes: ``W = [s·z, u]``. Returns ``(scale, u)``, ``u`` of shape
+        ``(G, C_out/G, D − w)`` (empty without free columns).
+
+        ``s`` given ``u`` is :meth:`best_scale`; ``u`` given ``s`` solves
+        ``u·H_uu = R_u − s·(z̃H)_u`` (the gradient of the free columns vanishes). The two
+        alternate until they settle: each round lowers the loss, and the pair is the
+        joint optimum to rounding (a 2×2 problem per row for per-channel scales).
+        """
+        wc = codes.shape[-1]
+        D = self.H.shape[-1]
+        scale = self.best_scale(codes, levels, per_channel, old, W)
+        if wc == D:
+            return scale, W[..., wc:]
+        z = torch.cat([codes.to(self.H.dtype) / levels,
+                       torch.zeros(*codes.shape[:-1], D - wc, dtype=self.H.dtype, device=codes.device)], -1)
+        zH = torch.bmm(z, self.H)[..., wc:]
+        R = self.R[..., wc:]
+        Huu = self.damped_H(self.H[:, wc:, wc:])
+        L = robust_cholesky(Huu)
+        W = W.clone()
+        for _ in range(rounds):
+            rhs = R - scale * zH
+            u = torch.cholesky_solve(rhs.transpose(1, 2), L).transpose(1, 2)
+            W[..., wc:] = u
+            new = self.best_scale(codes, levels, per_channel, scale, W)
+            settled = bool(((new - scale).abs() <= 1e-12 * scale.abs()).all())
+            scale = new
+            if settled:
+                break
+        rhs = R - scale * zH
+        return scale, torch.cholesky_solve(rhs.transpose(1, 2), L).transpose(1, 2)
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W*, c)`` with ``L(W) = s·[tr((W−W*)H(W−W*)ᵀ) + c]`` (exact for non-singular H)."""

@@ -111,7 +111,7 @@ def _save_checkpoint(path: str, student: nn.Module, done: list[str], report: Com
 
 
 def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross", mu: float = 0.9,
-             solver: str = "adam", steps: int = 3000, lr: float = 1e-3, policy: str = "skip_first",
+             solver: str = "auto", steps: int = 3000, lr: float = 1e-3, policy: str = "skip_first",
              overrides: dict[str, dict] | None = None, batch_size: int = 256, shrink: bool = True,
              fold_bn: bool = False, checkpoint: str | None = None, progress: bool = True,
              verbose: bool = True, max_cache_bytes: int = 2 << 30, **layer_kwargs):
@@ -122,8 +122,9 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         data: calibration inputs: a tensor, a Dataset/DataLoader of ``(x, y)`` or ``x``
             batches, or a list of tensors. Labels are never used.
         compression: constraint(s) for the layers the policy compresses.
-        loss, mu, solver, steps, lr: as :func:`cdfast.distill_layer` (defaults: the
-            authors' ResNet-56 settings, μ=0.9, lr=1e-3).
+        loss, mu, solver, steps, lr: as :func:`cdfast.distill_layer` (``solver="auto"``:
+            the exact solver where it applies; the iterative settings default to the
+            authors' ResNet-56 ones, μ=0.9, lr=1e-3).
         policy: ``"skip_first"`` (default: the first conv untouched, convs compressed,
             Linear layers refit), ``"all"``, or ``"resnet"`` (compress only the
             block-internal channels, the inputs of each block's ``conv2`` and, in a
