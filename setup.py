@@ -5,8 +5,8 @@ installed as the subpackage ``cdfast.kernels``. Compiled extensions (``csrc/``) 
 added by :func:`extensions` below:
 
 * ``cdfast._cpu`` (always): the budget top-k selection in C++17 with OpenMP.
-* ``cdfast._cuda`` (when ``nvcc`` is found): the persistent Gram-form solver and the
-  GPTQ pass. The ``.cu`` files are compiled by ``nvcc`` (see :class:`BuildExt`), the
+* ``cdfast._cuda`` (when ``nvcc`` is found): the persistent Gram-form solver. The
+  ``.cu`` files are compiled by ``nvcc`` (see :class:`BuildExt`), the
   pybind11 binding by the host compiler, and the CUDA runtime is linked statically,
   so the module imports on a machine without a GPU or a CUDA build of torch.
 
@@ -43,8 +43,8 @@ PACKAGE_DIR = {"cdfast": "cdfast", "cdfast.kernels": "kernels"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 DEFAULT_ARCHS = "sm_80;sm_90;sm_90a;compute_90"
-CUDA_SOURCES = ["csrc/cuda_bindings.cpp", "csrc/gram_solver.cu", "csrc/gptq.cu"]
-CUDA_DEPENDS = ["csrc/gram_solver_kernel.cuh", "csrc/gptq_kernel.cuh", "csrc/cuda_api.h", "csrc/emu.h",
+CUDA_SOURCES = ["csrc/cuda_bindings.cpp", "csrc/gram_solver.cu"]
+CUDA_DEPENDS = ["csrc/gram_solver_kernel.cuh", "csrc/cuda_api.h", "csrc/emu.h",
                 "csrc/bind_common.h"]
 
 

@@ -42,7 +42,6 @@ OPS: dict[str, str] = {
     "group_shrink": "prox of t·Σ_i ‖W[:, i]‖₂ over input channels",
     "topk_mask": "boolean mask of the k largest scores",
     "quantize": "(codes, values) of W on the grid scale·{0, ±1/L, …, ±1}",
-    "gptq_round": "GPTQ-style sequential rounding of one group's weight with error feedback",
 }
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")

@@ -144,24 +144,6 @@ inline GramArgs parse_gram(const py::dict& d, bool device_ptrs) {
   return a;
 }
 
-inline GptqArgs parse_gptq(const py::dict& d, bool device_ptrs) {
-  GptqArgs a;
-  a.dtype = dict_dim(d, "dtype", 0, 1);
-  a.device = dict_dim(d, "device", 0, 1 << 16);
-  require_gpu(device_ptrs);
-  a.rows = dict_dim(d, "rows", 1);
-  a.D = dict_dim(d, "D", 1);
-  a.weight_cols = dict_dim(d, "weight_cols", 0, a.D);
-  a.bits = dict_dim(d, "bits", 2, 8);
-  a.scale_per_row = dict_dim(d, "scale_per_row", 0, 1);
-  a.W = dict_ptr(d, "W", true, device_ptrs, a.device);
-  a.U = dict_ptr(d, "U", true, device_ptrs, a.device);
-  a.scale = dict_ptr(d, "scale", true, device_ptrs, a.device);
-  a.support = static_cast<const uint8_t*>(dict_ptr(d, "support", true, device_ptrs, a.device));
-  a.stream = reinterpret_cast<void*>(static_cast<uintptr_t>(dict_int(d, "stream", false, 0)));
-  return a;
-}
-
 inline void bind_all(py::module_& m, bool device_ptrs) {
   m.def(
       "device_count",
@@ -194,18 +176,6 @@ inline void bind_all(py::module_& m, bool device_ptrs) {
         return grid;
       },
       py::arg("args"), "Launch the persistent Gram-form solver; returns the grid size (blocks).");
-  m.def(
-      "gptq_round",
-      [device_ptrs](const py::dict& d) {
-        const GptqArgs a = parse_gptq(d, device_ptrs);
-        std::string why;
-        {
-          py::gil_scoped_release nogil;
-          why = launch_gptq(a);
-        }
-        if (!why.empty()) throw std::runtime_error(why);
-      },
-      py::arg("args"), "GPTQ-style rounding of W's rows in place.");
 }
 
 }  // namespace cdfast

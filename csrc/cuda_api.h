@@ -99,23 +99,8 @@ inline GramLayout gram_layout(int G, int R, int D, int group_in, int dtype) {
   return L;
 }
 
-// GPTQ-style rounding of the rows of W (rows, D) in place, column by column with
-// error feedback through U (D, D), the upper Cholesky factor of H^-1.
-struct GptqArgs {
-  int dtype = 0;
-  int rows = 0, D = 0, weight_cols = 0, bits = 0;
-  int scale_per_row = 0;  // scale is (rows) or (1)
-  void* W = nullptr;
-  const void* U = nullptr;
-  const void* scale = nullptr;
-  const uint8_t* support = nullptr;  // (rows, D)
-  int device = 0;
-  void* stream = nullptr;
-};
-
 // Launchers; they return an empty string on success, else the error.
 std::string launch_gram_solve(const GramArgs& a, int* grid_used);
-std::string launch_gptq(const GptqArgs& a);
 std::string cuda_device_count(int* count);
 std::string check_device_pointer(const void* p, int device, const char* name);
 

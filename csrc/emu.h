@@ -1,4 +1,4 @@
-// Portability layer of the CUDA kernels (gram_solver_kernel.cuh, gptq_kernel.cuh).
+// Portability layer of the CUDA kernels (gram_solver_kernel.cuh).
 //
 // The kernel bodies are written once, against a small context object `ctx`
 // (thread/block ids, __syncthreads, grid-wide sync) and the helpers below. Compiled

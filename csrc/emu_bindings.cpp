@@ -10,7 +10,6 @@
 #include <thread>
 #include <vector>
 
-#include "gptq_kernel.cuh"
 #include "gram_solver_kernel.cuh"
 #include "bind_common.h"
 
@@ -54,21 +53,11 @@ std::string gram_t(const GramArgs& a, int* grid_used) {
   return "";
 }
 
-template <class T>
-std::string gptq_t(const GptqArgs& a) {
-  const GptqParams<T> p = make_gptq_params<T>(a);
-  const int grid = std::max(1, std::min((a.rows + kGptqRows - 1) / kGptqRows, 2));
-  run_grid<GptqShared<T>>(grid, [&](GptqShared<T>& sh, const EmuCtx& ctx) { gptq_body<T>(p, sh, ctx); });
-  return "";
-}
-
 }  // namespace
 
 std::string launch_gram_solve(const GramArgs& a, int* grid_used) {
   return a.dtype == 0 ? gram_t<float>(a, grid_used) : gram_t<double>(a, grid_used);
 }
-
-std::string launch_gptq(const GptqArgs& a) { return a.dtype == 0 ? gptq_t<float>(a) : gptq_t<double>(a); }
 
 }  // namespace cdfast
 

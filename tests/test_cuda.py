@@ -1,4 +1,4 @@
-"""The CUDA backend: the persistent Gram-form solver and the GPTQ pass.
+"""The CUDA backend: the persistent Gram-form solver.
 
 Three layers of tests:
 
@@ -25,7 +25,7 @@ from cdfast import dispatch
 from cdfast.layer.plan import ConstraintPlan
 from cdfast.layer.geometry import LayerGeometry
 from cdfast.layer.losses import LossSpec, Quadratic
-from cdfast.layer.solvers import SolverConfig, gptq_round, gram_iterative
+from cdfast.layer.solvers import SolverConfig, gram_iterative
 from cdfast.layer.statistics import LayerStatistics
 from helpers import PRUNE_AND_QUANTIZE, prune_quantize_ratio
 
@@ -99,7 +99,7 @@ def test_cuda_extension_is_built_and_imports_without_gpu():
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("source", ["gram_solver.cu", "gptq.cu"])
+@pytest.mark.parametrize("source", ["gram_solver.cu"])
 def test_cu_sources_compile_with_nvcc(source, tmp_path):
     out = tmp_path / (source + ".ptx")
     cmd = [NVCC, "--ptx", "-std=c++17", "-arch=compute_90", f"-I{CSRC}", os.path.join(CSRC, source),
@@ -107,7 +107,7 @@ def test_cu_sources_compile_with_nvcc(source, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ptx = out.read_text()
-    assert ".entry" in ptx and ("gram_kernel" in ptx or "gptq_kernel" in ptx)
+    assert ".entry" in ptx and "gram_kernel" in ptx
 
 
 # ------------------------------------------------------------------ emulation
@@ -171,21 +171,6 @@ def test_emulated_kernel_matches_torch_float32(emu, compression):
     assert_same_solve(quad, p_ref, p_ker, cfg, emu, max_blocks=2, rtol=1e-5, atol=1e-6, hist_rtol=1e-5)
 
 
-def test_emulated_gptq_matches_torch(emu):
-    g = torch.Generator().manual_seed(1)
-    for dtype, rows, D, wc, per_row in ((torch.float64, 9, 40, 40, True), (torch.float64, 6, 150, 149, False),
-                                        (torch.float32, 5, 70, 70, True)):
-        X = torch.randn(D, 3 * D, generator=g, dtype=dtype)
-        H = X @ X.T
-        W = torch.randn(rows, D, generator=g, dtype=dtype)
-        scale = W.abs().amax(1) * 0.8 if per_row else W.abs().amax().reshape(1)
-        sup = torch.rand(rows, D, generator=g) > 0.2
-        ref = gptq_round(W, H, scale, 3, wc, sup, 1e-6)
-        ours = cuda_backend.gptq_round(W, H, scale, 3, wc, sup, 1e-6, ext=emu)
-        tol = 1e-12 if dtype == torch.float64 else 1e-5
-        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
-
-
 def test_emulated_binding_rejects_bad_arguments(emu):
     quad, _, plan, cfg = make_problem(None, cin=4, cout=3)
     with pytest.raises(ValueError, match="missing"):
@@ -197,9 +182,11 @@ def test_emulated_binding_rejects_bad_arguments(emu):
     with pytest.raises(ValueError, match="wc"):
         emu.gram_solve(dict(dtype=0, device=0, G=1, R=3, D=10, wc=8, taps=1, group_in=8))
     with pytest.raises(ValueError, match="bits"):
-        emu.gptq_round(dict(dtype=0, device=0, rows=2, D=4, weight_cols=4, bits=9))
+        emu.gram_solve(dict(dtype=0, device=0, G=1, R=2, D=4, wc=4, taps=1, group_in=4, steps=1, solver=1,
+                            two_s=1.0, bits=9))
     with pytest.raises(ValueError, match="null pointer"):
-        emu.gptq_round(dict(dtype=0, device=0, rows=2, D=4, weight_cols=4, bits=3, scale_per_row=0, W=0))
+        emu.gram_solve(dict(dtype=0, device=0, G=1, R=2, D=4, wc=4, taps=1, group_in=4, steps=1, solver=1,
+                            two_s=1.0, H=0))
     with pytest.raises(dispatch.Unsupported):
         cuda_backend.solve(quad, plan, SolverConfig(solver="exact", steps=3), ext=emu)
     with pytest.raises(ValueError, match="workspace_bytes"):
@@ -263,30 +250,13 @@ def test_gpu_float32_solver_close_to_torch():
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_gptq_matches_torch():
-    torch.manual_seed(0)
-    D, rows = 300, 33
-    X = torch.randn(D, 3 * D, dtype=torch.float64, device="cuda")
-    H = X @ X.T
-    W = torch.randn(rows, D, dtype=torch.float64, device="cuda")
-    scale = W.abs().amax(1) * 0.8
-    sup = torch.rand(rows, D, device="cuda") > 0.2
-    ref = gptq_round(W, H, scale, 4, D - 1, sup, 1e-6)
-    ours = cuda_backend.gptq_round(W, H, scale, 4, D - 1, sup, 1e-6)
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
-    name, out = dispatch.call("gptq_round", "cuda", "cuda", True, W, H, scale, 4, D - 1, sup, 1e-6)
-    assert name == "cuda"
-
-
-@gpu
-@pytest.mark.gpu
 def test_gpu_bad_arguments_raise():
     ext = cuda_backend._ext
-    host = torch.zeros(16)
+    p = torch.zeros(16).data_ptr()  # host memory
     with pytest.raises(ValueError, match="device memory|host"):
-        ext.gptq_round(dict(dtype=0, device=0, rows=2, D=4, weight_cols=4, bits=3, scale_per_row=0,
-                            W=host.data_ptr(), U=host.data_ptr(), scale=host.data_ptr(),
-                            support=host.data_ptr()))
+        ext.gram_solve(dict(dtype=0, device=0, G=1, R=2, D=4, wc=4, taps=1, group_in=4, steps=1, solver=1,
+                            two_s=1.0, H=p, F=p, A=p, W=p, Wb=p, m=p, mask=p, sched_f=p, sched_i=p,
+                            workspace=p, workspace_bytes=1 << 20))
     quad, _, plan, cfg = make_problem(None, device="cuda", cin=4, cout=3)
     with pytest.raises(dispatch.Unsupported):
         cuda_backend.gram_solve(quad, plan, SolverConfig(solver="exact", steps=3))

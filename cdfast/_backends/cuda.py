@@ -10,8 +10,6 @@
     the torch path does. The iterates are the same up to floating-point rounding
     (the kernel sums in another order and accumulates reductions in float64);
     top-k ties are broken by a fixed order (lowest channel index).
-``gptq_round``
-    The GPTQ-style rounding pass (same signature as :func:`cdfast.layer.solvers.gptq_round`).
 
 The extension is linked against the static CUDA runtime, so it imports where no
 GPU is; the probe then says why the backend cannot run. Combinations the kernel
@@ -185,55 +183,3 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
 def gram_solve(quad, plan, cfg):
     """The persistent CUDA solver; same contract as :func:`cdfast.layer.solvers.gram_iterative`."""
     return solve(quad, plan, cfg)
-
-
-# ------------------------------------------------------------------ gptq_round
-def gptq_round(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, weight_cols: int,
-               support: torch.Tensor, damping: float, block: int = 128, ext=None) -> torch.Tensor:
-    """GPTQ-style rounding of one group's ``W`` (rows, D); see :func:`cdfast.layer.solvers.gptq_round`.
-
-    ``block`` is accepted for signature compatibility: the kernel applies every
-    error update at once (the same sums, rounded in another order).
-    """
-    ext = _ext if ext is None else ext
-    if ext is None:
-        raise Unsupported(_import_error or "the CUDA extension is not built")
-    emulated = bool(getattr(ext, "emulated", False))
-    for name, t in (("W", W), ("H", H), ("scale", scale), ("support", support)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if W.dtype not in _DTYPES:
-        raise Unsupported(f"W: dtype {W.dtype}; the CUDA kernel runs float32 and float64")
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]) or support.shape != W.shape:
-        raise ValueError(f"W, H, support: expected (rows, D), (D, D), (rows, D), got {tuple(W.shape)}, "
-                         f"{tuple(H.shape)}, {tuple(support.shape)}")
-    if not emulated and W.device.type != "cuda":
-        raise ValueError(f"W: the cuda backend runs on CUDA tensors, got device {W.device}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits: expected an int in 2..8, got {bits!r}")
-    rows, D = W.shape
-    if not 0 <= int(weight_cols) <= D:
-        raise ValueError(f"weight_cols: expected 0..{D}, got {weight_cols}")
-    sc = scale.reshape(-1).to(W.dtype).contiguous()
-    if sc.numel() not in (1, rows):
-        raise Unsupported(f"scale: {sc.numel()} values for {rows} rows")
-    d = torch.diagonal(H).mean().clamp_min(torch.finfo(H.dtype).tiny)
-    Hd = H + damping * d * torch.eye(D, dtype=H.dtype, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-    U = U.to(W.dtype).contiguous()
-    out = W.clone().contiguous()
-    sup = support.to(torch.uint8).contiguous()
-    args = dict(dtype=_DTYPES[W.dtype], device=W.device.index or 0,
-                rows=rows, D=D, weight_cols=int(weight_cols), bits=bits,
-                scale_per_row=int(sc.numel() == rows and rows > 1), W=out.data_ptr(), U=U.data_ptr(),
-                scale=sc.data_ptr(), support=sup.data_ptr())
-    if not emulated:
-        with torch.cuda.device(W.device):
-            args["stream"] = torch.cuda.current_stream(W.device).cuda_stream
-            ext.gptq_round(args)
-    else:
-        ext.gptq_round(args)
-    return out
-
-
-register("gptq_round", "cuda")(gptq_round)

@@ -6,7 +6,7 @@ import torch
 from ..dispatch import register
 from ..layer import constraints
 from ..layer.geometry import LayerGeometry
-from ..layer.solvers import gptq_round, gram_iterative
+from ..layer.solvers import gram_iterative
 
 # Unfold at most this many elements at once, so a large calibration batch
 # streams through bounded memory.
@@ -42,7 +42,6 @@ def statistics(h_teacher: torch.Tensor, h_student: torch.Tensor, geometry: Layer
 
 # The solvers' own torch paths.
 register("gram_solve", "torch")(gram_iterative)
-register("gptq_round", "torch")(gptq_round)
 
 # The projection operators: the pure functions of cdfast.layer.constraints are the oracle.
 register("soft_threshold", "torch")(constraints.soft_threshold)

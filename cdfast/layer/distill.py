@@ -245,7 +245,7 @@ def distill_layer(teacher_layer: nn.Module,
         if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
             W, history, backend_used, solver = anchor.clone(), [(0, 0.0)], "torch", "none"
         elif solver == "exact":
-            W, history = exact_solve(quad, plan, backend, strict)
+            W, history = exact_solve(quad, plan)
             backend_used = "torch"
         else:
             backend_used, (W, history) = dispatch.call("gram_solve", device, backend, strict, quad, plan, cfg)

@@ -231,7 +231,11 @@ class Quadratic:
     r"""The canonical quadratic of one layer: ``L(W) = s·[tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀]``.
 
     Shapes: ``H`` is ``(G, D, D)``, ``anchor`` (the teacher weight ``A``) and ``F`` are
-    ``(G, C_out/G, D)``; ``f0`` is a scalar and ``scale = s = 1/(M·C_out)``.
+    ``(G, C_out/G, D)``; ``f0`` is a scalar and ``scale = s = 1/(M·C_out)``. ``damping`` is
+    ``δ`` (see the module docstring); ``unseen`` is the energy per direction that fresh
+    inputs have outside the span of the calibration rows, relative to ``mean(diag H)``
+    (:meth:`LayerStatistics.unseen_energy`; 0 when the rows span every direction): the
+    exact solver's sweeps damp by at least that much.
     """
 
     H: torch.Tensor
@@ -240,6 +244,7 @@ class Quadratic:
     f0: torch.Tensor
     scale: float
     damping: float = 1e-6
+    unseen: float = 0.0
 
     @classmethod
     def from_statistics(cls, stats, spec: LossSpec, teacher_matrix: torch.Tensor,
@@ -290,12 +295,12 @@ class Quadratic:
         F_in = self.F[..., cols] - torch.bmm(a_out, H_oi)
         f0 = self.f0 + (torch.bmm(a_out, H_oo) * a_out).sum() - 2 * (a_out * self.F[..., out]).sum()
         return Quadratic(H_in.contiguous(), F_in.contiguous(), self.anchor[..., cols].contiguous(), f0,
-                         self.scale, self.damping)
+                         self.scale, self.damping, self.unseen)
 
     def to(self, dtype: torch.dtype) -> "Quadratic":
         """The same quadratic with its tensors in ``dtype``."""
         return Quadratic(self.H.to(dtype), self.F.to(dtype), self.anchor.to(dtype), self.f0.to(dtype),
-                         self.scale, self.damping)
+                         self.scale, self.damping, self.unseen)
 
     # -------------------------------------------------------------- values
     def residual_grad(self, W: torch.Tensor) -> torch.Tensor:

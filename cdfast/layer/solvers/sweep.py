@@ -1,0 +1,375 @@
+r"""Column sweeps and coordinate passes on the layer quadratic: the exact solver's engine.
+
+Every loss of the family is ``s·[tr((W − T)·H·(W − T)ᵀ) + c]`` (SPEC §2.1, the
+canonical form of :class:`~cdfast.layer.losses.Quadratic`), so rounding a layer to a
+grid or pruning it to a mask is the same problem for every loss: bring each output row
+``w`` onto the constraint set at the least ``(w − t)·H·(w − t)ᵀ``. The functions here
+work on ``(T, H)`` with ``H`` already damped (positive definite), all rows and all
+groups at once, in a transposed layout ``(G, D, R)`` whose column ``j`` is contiguous.
+
+**The factor.** ``H = Ũ·Ũᵀ`` with ``Ũ`` upper triangular: the Cholesky factor of ``H``
+with its columns taken from the last backwards (:func:`reverse_cholesky`, one
+factorisation; ``Ũ⁻¹`` is the factor of ``H⁻¹`` that GPTQ and SparseGPT form with three).
+The loss is ``‖Y‖²`` with the *whitened residual* ``Y = (W − T)·Ũ``.
+
+**The sweep** (GPTQ, Frantar et al. 2022; SparseGPT, Frantar & Alistarh 2023) fixes the
+columns one after the other, each time moving the columns not yet fixed to their
+optimum given the fixed ones. The value column ``j`` takes once the columns before it
+are fixed at ``q_i`` is
+
+    w_j = t_j + Σ_{i<j} (t_i − q_i)·Ũ_ij / Ũ_jj,
+
+the papers' update written with ``Ũ`` instead of the factor of ``H⁻¹``, and fixing it adds
+``Ũ_jj²·(w_j − q_j)²`` to the loss: column ``j`` of ``Y`` is ``Ũ_jj·(q_j − w_j)``. The sums are
+accumulated lazily, one matrix product per block of ``BLOCK`` columns. A :class:`ColumnRule`
+decides ``q_j`` from ``w_j`` (rounding, a mask, or both), and a :class:`WindowBudget` may
+choose the mask on the way from the values a window of columns would take given the
+fixed ones (:func:`obs_values`), as SparseGPT does.
+
+**A coordinate pass** then minimises the loss exactly over one column at a time, all rows
+at once: ``w_j ← fix(w_j − g_j/H_jj)``, ``g = (W − T)·H = Y·Ũᵀ``. The sweep never revisits a
+column, so the kept weights of early columns never answer what later columns lose; the
+passes do. They keep ``Y`` rather than the gradient (the gradient of a block is one product
+with ``Ũ``'s rows, and ``Y`` comes free out of the sweep).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..losses import robust_cholesky
+
+__all__ = ["BLOCK", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "coordinate_pass", "obs_values",
+           "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds"]
+
+#: Columns per block of the lazy updates (the in-block work is elementwise, the rest one
+#: matrix product per block).
+BLOCK = 32
+#: Rows per block of the triangular products (:func:`upper_t_mul`).
+TRI_BLOCK = 256
+
+
+def reverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """``Ũ`` upper triangular with ``H = Ũ·Ũᵀ`` (batched): the Cholesky factor of ``H`` with
+    its columns taken in reverse order."""
+    return torch.flip(robust_cholesky(torch.flip(H, (-2, -1))), (-2, -1))
+
+
+def upper_t_mul(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``Uᵀ·X`` for ``U`` ``(G, D, D)`` upper triangular and ``X`` ``(G, D, R)``, in blocks that
+    skip ``U``'s zeros (half the products of a dense multiplication)."""
+    D = U.shape[-1]
+    out = torch.empty_like(X)
+    for b0 in range(0, D, TRI_BLOCK):
+        b1 = min(D, b0 + TRI_BLOCK)
+        torch.bmm(U[:, :b1, b0:b1].transpose(1, 2), X[:, :b1], out=out[:, b0:b1])
+    return out
+
+
+def obs_values(W: torch.Tensor, T: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """The values columns ``j0 … j1`` take when every column before ``j0`` is fixed.
+
+    ``W``, ``T`` are the columns' lazily accumulated values and targets, ``(G, n, R)``;
+    ``U`` is ``Ũ[j0:j1, j0:j1]``. The sweep's running values hold
+    ``t_j + (Σ_{i<j0} Δ_i Ũ_ij)/Ũ_jj``, exact for the first column only; the optimum of all
+    ``n`` given the fixed ones is ``t + (Σ_i Δ_i Ũ_i,·)·Ũ_ww⁻¹`` (the top-left block of
+    ``Ũ⁻¹`` is the inverse of ``Ũ``'s).
+    """
+    d = torch.diagonal(U, dim1=-2, dim2=-1)
+    y = (W - T) * d[..., None]
+    return T + torch.linalg.solve_triangular(U.transpose(-2, -1), y, upper=False)
+
+
+class ColumnRule:
+    """How a sweep or a coordinate pass fixes column ``j`` from the value it would take.
+
+    Args:
+        mask: ``(G, D, R)`` boolean, True where a weight may be non-zero, or None.
+        scale: ``(G, 1, R)`` grid scale per row (or the same value everywhere), or None.
+        bits: grid bit width (with ``scale``).
+        grid_cols: columns ``j < grid_cols`` are rounded; the later ones (a fitted bias) are free.
+        budget: a :class:`WindowBudget` that chooses ``mask`` during a sweep, or None.
+
+    The per-column work is a handful of in-place torch operations on views prepared once
+    per pass: on small layers the column loops cost what the interpreter costs.
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None, scale: torch.Tensor | None = None, bits: int = 0,
+                 grid_cols: int = 0, budget: "WindowBudget | None" = None):
+        self.maskf = None if mask is None else mask.to(torch.get_default_dtype())
+        self.budget = budget
+        self.window = budget.window if budget is not None else 0
+        self.grid_cols = grid_cols
+        self._cols = None
+        self.set_scale(scale, bits)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return None if self.maskf is None else self.maskf > 0
+
+    def set_scale(self, scale: torch.Tensor | None, bits: int = 0) -> None:
+        self.scale = scale
+        if scale is not None:
+            self.bits = bits
+            self.levels = float(2 ** (bits - 1) - 1)
+            self._step = (scale / self.levels)[:, 0]  # (G, R)
+            self._inv = (self.levels / scale)[:, 0]
+
+    def prepare(self, like: torch.Tensor) -> None:
+        """Views of the mask's columns for the coming pass (in ``like``'s dtype)."""
+        if self.maskf is not None and self.maskf.dtype != like.dtype:
+            self.maskf = self.maskf.to(like.dtype)
+        self._cols = None if self.maskf is None else self.maskf.unbind(1)
+
+    def choose(self, j0: int, W: torch.Tensor, T: torch.Tensor, U: torch.Tensor) -> None:
+        """Let the budget choose the mask of the window starting at column ``j0``."""
+        self.budget.choose(self.maskf, j0, W, T, U)
+
+    def fix_(self, j: int, w: torch.Tensor) -> torch.Tensor:
+        """Fix column ``j`` in place: ``w`` ``(G, R)`` becomes its rounded and/or masked value."""
+        if self.scale is not None and j < self.grid_cols:
+            L = self.levels
+            w.mul_(self._inv).round_().clamp_(-L, L).mul_(self._step)
+        if self._cols is not None:
+            w.mul_(self._cols[j])
+        return w
+
+
+class WindowBudget:
+    """Chooses the mask window by window during a sweep, from the values the window's
+    columns would take given the fixed ones (SparseGPT's adaptive mask selection).
+
+    ``keep`` is ``(G, windows)``: weights to keep per group and window (a layer budget
+    shared out over the windows), or ``nm = (n, m)``: keep ``n`` of every ``m`` columns of
+    each row (``window = m``). A weight's score is ``v²·Ũ_jj²``, the loss its removal adds
+    (its optimal-brain-surgeon saliency). Columns from ``cols`` on (a fitted bias) are
+    never pruned. ``topk(scores, k)`` is the top-k mask operator (the dispatcher's
+    ``topk_mask``).
+    """
+
+    def __init__(self, U: torch.Tensor, window: int, topk: Callable, keep: torch.Tensor | None = None,
+                 nm: tuple[int, int] | None = None, cols: int | None = None):
+        self.window, self.topk, self.keep, self.nm = window, topk, keep, nm
+        self.pivots = torch.diagonal(U, dim1=-2, dim2=-1).pow(2)[..., None]  # (G, D, 1)
+        self.cols = U.shape[-1] if cols is None else cols
+
+    def choose(self, maskf: torch.Tensor, j0: int, W: torch.Tensor, T: torch.Tensor, U: torch.Tensor) -> None:
+        n = min(W.shape[1], self.cols - j0)
+        if n <= 0:
+            return
+        score = obs_values(W, T, U)[:, :n].pow_(2).mul_(self.pivots[:, j0:j0 + n])
+        if self.nm is not None:
+            idx = torch.topk(score, self.nm[0], dim=1).indices
+            maskf[:, j0:j0 + n] = torch.zeros_like(score).scatter_(1, idx, 1.0)
+            return
+        for g in range(score.shape[0]):
+            maskf[g, j0:j0 + n] = self.topk(score[g], int(self.keep[g, j0 // self.window]))
+
+
+def sweep(T: torch.Tensor, U: torch.Tensor, rule: ColumnRule, block: int = BLOCK,
+          residual: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fix every column of the target ``T`` ``(G, D, R)`` in order; ``U`` is ``Ũ`` ``(G, D, D)``.
+
+    Returns the fixed weight ``(G, D, R)`` (and, with ``residual``, the whitened residual
+    ``Y`` transposed, ``Ũᵀ·(Q − T)ᵀ``, for :func:`coordinate_pass`). With a budget on ``rule``
+    the mask is chosen at the start of each of its windows (a window never straddles
+    blocks: ``block`` is a multiple of the window, or the window a multiple of ``block``).
+    """
+    G, D, R = T.shape
+    d = torch.diagonal(U, dim1=-2, dim2=-1)
+    V = U / d[:, None, :]  # V_ij = Ũ_ij / Ũ_jj
+    W = T.clone()
+    Dl = torch.empty_like(T)  # Δ = T − Q, column by column
+    Y = torch.empty_like(T) if residual else None
+    rule.prepare(T)
+    window = rule.window
+    cols_W, cols_T, cols_D = W.unbind(1), T.unbind(1), Dl.unbind(1)
+    cols_Y = Y.unbind(1) if residual else None
+    for s0 in range(0, D, block):
+        s1 = min(D, s0 + block)
+        Ws, Ds, Vs = W[:, s0:s1], Dl[:, s0:s1], V[:, s0:s1, s0:s1]
+        Dk = Ds.split(1, dim=1)
+        for i in range(s1 - s0):
+            j = s0 + i
+            if window and j % window == 0:
+                j1 = min(D, j + window)
+                rule.choose(j, W[:, j:j1], T[:, j:j1], U[:, j:j1, j:j1])
+            w = cols_W[j]
+            if residual:
+                cols_Y[j].copy_(w)
+            rule.fix_(j, w)
+            torch.sub(cols_T[j], w, out=cols_D[j])
+            if residual:
+                cols_Y[j].sub_(w)
+            if j + 1 < s1:
+                Ws[:, i + 1:].baddbmm_(Vs[:, i, i + 1:, None], Dk[i])
+        if s1 < D:
+            W[:, s1:].baddbmm_(V[:, s0:s1, s1:].transpose(1, 2), Ds)
+    if not residual:
+        return W
+    return W, Y.mul_(-d[..., None])
+
+
+def coordinate_pass(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.Tensor, rule: ColumnRule,
+                    block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cyclic pass of exact minimisation over each column in turn, in place.
+
+    ``W`` is the weight ``(G, D, R)``, ``Y`` the whitened residual ``Ũᵀ·(W − T)ᵀ`` ``(G, D, R)``,
+    ``U`` the factor and ``H = U·Uᵀ`` (only its diagonal blocks are read). Each column moves
+    to ``fix(w − g/H_jj)``, ``g = H·(W − T)ᵀ``: for a mask the exact optimum of the column,
+    for a grid the grid point nearest to it (the best of a one-dimensional quadratic). The
+    loss never rises. Returns ``(W, Y)``.
+    """
+    G, D, R = W.shape
+    rule.prepare(W)
+    neg_inv = (-1.0 / torch.diagonal(H, dim1=-2, dim2=-1))[..., None]  # (G, D, 1)
+    prune_only = rule.scale is None and rule.maskf is not None
+    if prune_only:  # δ = (m − 1)·w − (m/H_jj)·g: the masked optimum minus the value
+        a, b = (rule.maskf - 1).unbind(1), (rule.maskf * neg_inv).unbind(1)
+    cols_W, cols_n = W.unbind(1), neg_inv.unbind(1)
+    Ds = torch.empty(G, block, R, dtype=W.dtype, device=W.device)
+    for s0 in range(0, D, block):
+        s1 = min(D, s0 + block)
+        n = s1 - s0
+        Dn = Ds[:, :n]
+        gs = torch.bmm(U[:, s0:s1, s0:], Y[:, s0:])  # the block's gradient: rows of Ũ times Y
+        cols_g = gs.unbind(1)
+        Hk, Dk, Dc = H[:, s0:s1, s0:s1].split(1, dim=2), Dn.split(1, dim=1), Dn.unbind(1)
+        for i in range(n):
+            j = s0 + i
+            w, d = cols_W[j], Dc[i]
+            if prune_only:
+                torch.mul(w, a[j], out=d).addcmul_(cols_g[i], b[j])
+                w.add_(d)
+            else:
+                d.copy_(w)
+                rule.fix_(j, w.addcmul_(cols_g[i], cols_n[j]))
+                d.sub_(w).neg_()
+            if i + 1 < n:
+                gs.baddbmm_(Hk[i], Dk[i])  # the block's gradient follows this column's change
+        Y[:, s0:].baddbmm_(U[:, s0:s1, s0:].transpose(1, 2), Dn)
+    return W, Y
+
+
+def exchange_rounds(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.Tensor, rule: ColumnRule,
+                    cols: int, rounds: int, share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Improve a budget mask by exchanges that keep its size, each round kept only if it lowers the loss.
+
+    At an optimum on the mask the kept weight ``w_j`` costs about ``w_j²·H_jj`` to remove and
+    a pruned one gains ``g_j²/H_jj`` when freed (``g = (W − T)·H``). Each round swaps the
+    pairs (cheapest kept, most promising pruned) whose gain exceeds the cost, at most
+    ``share`` of the kept weights, among the first ``cols`` columns; the freed weights start
+    at their one-coordinate optimum and a coordinate pass refits the new mask. The first
+    round that does not lower ``‖Y‖²`` is undone and ends the search. ``W``, ``Y``, ``rule``
+    as for :func:`coordinate_pass`; returns ``(W, Y)`` (``rule.maskf`` holds the mask).
+    """
+    dH = torch.diagonal(H, dim1=-2, dim2=-1)[..., None]
+    best = float((Y * Y).sum())
+    for _ in range(rounds):
+        keep = rule.maskf[:, :cols] > 0
+        count = max(1, int(share * int(keep.sum())))
+        g = torch.bmm(U, Y)[:, :cols]
+        w = W[:, :cols]
+        cost = torch.where(keep, w * w * dH[:, :cols], torch.full_like(w, math.inf)).reshape(-1)
+        gain = torch.where(keep, torch.full_like(w, -math.inf), g * g / dH[:, :cols]).reshape(-1)
+        cost, out = torch.topk(cost, min(count, cost.numel()), largest=False)
+        gain, into = torch.topk(gain, min(count, gain.numel()))
+        n = int((gain > cost[:gain.numel()]).sum())
+        if n == 0:
+            break
+        maskf, Wn = rule.maskf.clone(), W.clone()
+        m, wv = maskf[:, :cols].reshape(-1).clone(), Wn[:, :cols].reshape(-1).clone()
+        free = (-g / dH[:, :cols]).reshape(-1)
+        m[out[:n]], m[into[:n]] = 0.0, 1.0
+        wv[out[:n]], wv[into[:n]] = 0.0, free[into[:n]]
+        maskf[:, :cols], Wn[:, :cols] = m.view_as(w), wv.view_as(w)
+        trial = ColumnRule(maskf > 0)
+        Yn = Y + upper_t_mul(U, Wn - W)
+        Wn, Yn = coordinate_pass(Wn, Yn, U, H, trial)
+        value = float((Yn * Yn).sum())
+        if not value < best:
+            break
+        best, W, Y, rule.maskf = value, Wn, Yn, trial.maskf
+    return W, Y
+
+
+def grid_search_scale(T: torch.Tensor, weights: torch.Tensor, bits: int, per_channel: bool,
+                      mask: torch.Tensor | None = None, ratios: int = 17) -> torch.Tensor:
+    """The clipping search: per row (or per layer) the scale ``r·max|t|``, ``r ∈ [0.2, 1]``,
+    with the least ``Σ_j weights_j·(t_j − q(t_j))²``.
+
+    ``T`` is ``(G, D, R)`` (grid columns only), ``weights`` ``(G, D, 1)``: with the sweep's
+    pivots ``Ũ_jj²`` the criterion is the loss the sweep would add if it rounded every column
+    of ``T`` without feeding the errors forward. Returns ``(G, 1, R)``.
+    """
+    from ..constraints import quantize
+
+    if mask is not None:
+        T = T * mask
+    amax = T.abs().amax(dim=1, keepdim=True)
+    if not per_channel:
+        amax = amax.amax(dim=(0, 2), keepdim=True).expand_as(amax)
+    amax = amax.clamp_min(torch.finfo(T.dtype).tiny)
+    best, best_err = amax, None
+    for r in torch.linspace(0.2, 1.0, ratios).tolist():
+        s = amax * r
+        err = (T - quantize(T, s, bits)[1]).pow_(2).mul_(weights).sum(dim=1, keepdim=True)
+        if not per_channel:
+            err = err.sum().expand_as(err)
+        if best_err is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def refit_scale(Q: torch.Tensor, rule: ColumnRule, U: torch.Tensor, UT: torch.Tensor,
+                per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The closed-form scale for the codes of ``Q`` and the whitened residual at it.
+
+    With ``w = [s·z, u]`` (``z`` the codes over ``L`` on the grid columns, ``u`` the free
+    columns held), ``Y(s) = s·Ũᵀzᵀ + Ũᵀ[0, u]ᵀ − Ũᵀtᵀ`` and the loss ``‖Y‖²`` is least at
+    ``s = −⟨a, b⟩/‖a‖²``, ``a = Ũᵀzᵀ``, ``b`` the rest, per row (sums over rows for a per-layer
+    scale). ``UT = Ũᵀ·T``. Rows without a positive optimum keep their scale. Returns
+    ``(scale, Y)``; ``Q`` is rescaled in place.
+    """
+    gc = rule.grid_cols
+    old = rule.scale
+    Z = torch.zeros_like(Q)
+    Z[:, :gc] = Q[:, :gc] / old
+    a = upper_t_mul(U, Z)
+    b = -UT
+    if gc < Q.shape[1]:
+        b = b + torch.bmm(U[:, gc:].transpose(1, 2), Q[:, gc:])
+    num, den = -(a * b).sum(1, keepdim=True), (a * a).sum(1, keepdim=True)
+    if not per_channel:
+        num, den = num.sum().expand_as(num), den.sum().expand_as(den)
+    ok = (num > 0) & (den > 0)
+    scale = torch.where(ok, num / den.clamp_min(torch.finfo(den.dtype).tiny), old)
+    Q[:, :gc] *= scale / old
+    rule.set_scale(scale, rule.bits)
+    return scale, a.mul_(scale).add_(b)
+
+
+def act_order(H: torch.Tensor, free: int = 0, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group, the columns by decreasing ``H_jj`` (GPTQ's act-order), ``(G, D)``; the columns
+    where ``first`` ``(G, D − free)`` is True before all others, the last ``free`` columns last."""
+    G, D = H.shape[0], H.shape[-1]
+    key = -torch.diagonal(H, dim1=-2, dim2=-1)[:, :D - free]
+    if first is not None:
+        key = torch.where(first, torch.full_like(key, -math.inf), key)
+    order = torch.argsort(key, dim=1, stable=True)
+    return torch.cat([order, torch.arange(D - free, D, device=H.device).expand(G, free)], dim=1)
+
+
+def nm_order(cols: int, taps: int, m: int, total: int, device=None) -> torch.Tensor:
+    """The column order that makes every ``m``-group of ``NMSparsity`` (``m`` consecutive
+    input channels at one kernel tap; column = channel·taps + tap) contiguous; columns past
+    ``cols`` (a fitted bias) last."""
+    c = torch.arange(cols // taps, device=device).reshape(-1, m)
+    t = torch.arange(taps, device=device)
+    order = (c[:, None, :] * taps + t[None, :, None]).reshape(-1)
+    return torch.cat([order, torch.arange(cols, total, device=device)])
