@@ -94,6 +94,8 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     ext = _ext if ext is None else ext
     if ext is None:
         raise Unsupported(_import_error or "the CUDA extension is not built")
+    if quad.H is None:
+        raise Unsupported("the low-rank form (H as a factor) runs on the torch engine")
     _check_supported(quad, plan, cfg)
     emulated = bool(getattr(ext, "emulated", False))
     A = quad.anchor.contiguous()

@@ -6,6 +6,7 @@ import torch
 from ..dispatch import register
 from ..layer import constraints
 from ..layer.geometry import LayerGeometry
+from ..layer.statistics import symmetric_gram
 from ..layer.solvers import gram_iterative
 
 # Unfold at most this many elements at once, so a large calibration batch
@@ -34,8 +35,8 @@ def statistics(h_teacher: torch.Tensor, h_student: torch.Tensor, geometry: Layer
         if fit_bias:  # the ones row mixes as (a+b) and (c+d)
             X1[:, -1] = a + b
             X2[:, -1] = c + d
-        out[0] += torch.bmm(X1, X1.transpose(1, 2))
-        out[1] += torch.bmm(X2, X2.transpose(1, 2))
+        symmetric_gram(X1, out[0])
+        symmetric_gram(X2, out[1])
         out[2] += torch.bmm(X2, X1.transpose(1, 2))
     return out
 

@@ -537,6 +537,8 @@ class _EagerGraph:
 @register("gram_solve", "triton")
 def gram_solve(quad, plan, cfg):
     """:func:`cdfast.layer.solvers.gram_iterative` with each step one fused Triton launch."""
+    if quad.H is None:
+        raise Unsupported("the low-rank form (H as a factor) runs on the torch engine")
     _check_float32(quad.H, quad.F, quad.anchor)
     if cfg.solver not in ITERATIVE_SOLVERS:
         raise Unsupported(f"solver {cfg.solver!r} is not an iterative Gram solver")

@@ -12,15 +12,16 @@ from .. import dispatch
 from .._validation import check_pair, check_positive_float, check_positive_int
 from .geometry import LayerGeometry
 from .data_form import data_loss
+from .forms import choose_form, exact_fits
 from .losses import ActivationSpec, LossSpec, Quadratic
 from .constraints import NMSparsity, WeightPrune, normalize
 from .plan import ConstraintPlan
-from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve
+from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve, gram_iterative
 from .statistics import LayerStatistics
 
 __all__ = ["distill_layer", "DistillResult"]
 
-FORMS = ("auto", "gram", "data")
+FORMS = ("auto", "gram", "lowrank", "data")
 ITERATIVE = ("adam", "sgd")
 
 
@@ -46,8 +47,9 @@ class DistillResult:
             ``correction``/``imitation``/``cross``, whose terms compare like inputs).
         history: ``(step, loss)`` pairs during the solve.
         wall_time: seconds spent in ``distill_layer`` (statistics included).
-        solver, form, backend: what ran (``adam``/``sgd``/``exact``; ``gram``/``data``;
-            ``torch``/``triton``/``cuda``/``cpp``).
+        solver, form, backend: what ran (``adam``/``sgd``/``exact``; ``gram`` (the ``D × D``
+            statistics), ``lowrank`` (the unfolded inputs kept instead, :mod:`cdfast.layer.forms`)
+            or ``data``; ``torch``/``triton``/``cuda``/``cpp``).
     """
 
     weight: torch.Tensor
@@ -172,8 +174,11 @@ def distill_layer(teacher_layer: nn.Module,
             compression and a teacher that is already optimal, loss 0).
         steps: iterations of ``adam``/``sgd`` (the authors use 3000 on CIFAR-sized data).
         lr: learning rate (5e-4 as the authors' VGG setting; 1e-3 for ResNet-56).
-        form: ``"gram"`` (cost per step independent of N), ``"data"`` (convolutions), or
-            ``"auto"``: Gram for the linear objective, data for the activation objective.
+        form: ``"gram"`` (cost per step independent of N), ``"lowrank"`` (the unfolded
+            inputs instead of the Grams, when there are fewer sampled rows than columns),
+            ``"data"`` (convolutions), or ``"auto"``: for the linear objective the cheaper of
+            Gram and low-rank by counted cost (:mod:`cdfast.layer.forms`), data for the
+            activation objective.
         fit_bias: also fit the bias (else it stays the teacher's); a layer without a bias
             gets one (:meth:`DistillResult.apply_to` adds it to the layer).
         stats_dtype: accumulation dtype of the statistics (float32 or float64).
@@ -197,13 +202,15 @@ def distill_layer(teacher_layer: nn.Module,
     for name, flag in (("fit_bias", fit_bias), ("strict", strict)):
         if flag is not None and not isinstance(flag, bool):
             raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    choose = form == "auto"
     if form == "auto":
         form = "gram" if objective == "linear" else "data"
     if solver == "auto":
         budgets = [c for c in normalize(compression) if isinstance(c, (WeightPrune, NMSparsity))]
-        solver = "exact" if form == "gram" and not budgets else "adam"
-    if form == "gram" and objective != "linear":
-        raise ValueError("form: the Gram form needs objective='linear'; use form='data'")
+        fits = exact_fits(geometry, geometry.cols + int(fit_bias or (statistics is not None and statistics.fit_bias)))
+        solver = "exact" if form == "gram" and not budgets and fits else "adam"
+    if form in ("gram", "lowrank") and objective != "linear":
+        raise ValueError(f"form: the {form} form needs objective='linear'; use form='data'")
     if solver == "exact" and form != "gram":
         raise ValueError("solver: 'exact' works on the Gram form (objective='linear', form='gram')")
 
@@ -212,8 +219,8 @@ def distill_layer(teacher_layer: nn.Module,
     cfg = SolverConfig(solver=solver, steps=steps, lr=lr, momentum=momentum, log_every=log_every)
 
     if statistics is not None:
-        if form != "gram":
-            raise ValueError("statistics: precomputed statistics need form='gram'")
+        if form not in ("gram", "lowrank"):
+            raise ValueError("statistics: precomputed statistics need form='gram' or 'lowrank'")
         if not isinstance(statistics, LayerStatistics):
             raise TypeError(f"statistics: expected LayerStatistics, got {type(statistics).__name__}")
         if statistics.geometry != geometry:
@@ -236,16 +243,26 @@ def distill_layer(teacher_layer: nn.Module,
         anchor = torch.cat([anchor, torch.zeros_like(anchor[..., :1])], dim=-1)
     plan = ConstraintPlan(compression, geometry, steps, anchor.shape[-1], device, work_dtype, backend, strict)
 
-    if form == "gram":
+    if form in ("gram", "lowrank"):
         if statistics is None:
             stats = LayerStatistics(geometry, dtype=stats_dtype, fit_bias=fit_bias, backend=backend)
             stats.update_many(pairs)
-        quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping)
-        loss_teacher = float(quad.loss(anchor))
+        if choose and solver != "exact":
+            form = choose_form(stats, spec, plan, geometry.group_out)
+        if form == "lowrank" and stats.representation != "lowrank":
+            raise ValueError(f"form: 'lowrank' keeps the unfolded inputs, which needs fewer sampled rows "
+                             f"than columns; got {stats.rows} rows for {stats.dim} columns")
+        # the exact solver forms H itself; its loss values are cheaper on the factor
+        lowrank = form == "lowrank" or solver == "exact"
+        quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping, lowrank=lowrank)
+        loss_teacher = float(quad.teacher_loss())
         if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
             W, history, backend_used, solver = anchor.clone(), [(0, 0.0)], "torch", "none"
         elif solver == "exact":
             W, history = exact_solve(quad, plan)
+            backend_used = "torch"
+        elif form == "lowrank":  # plain torch products on any device
+            W, history = gram_iterative(quad, plan, cfg)
             backend_used = "torch"
         else:
             backend_used, (W, history) = dispatch.call("gram_solve", device, backend, strict, quad, plan, cfg)

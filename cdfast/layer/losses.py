@@ -54,7 +54,7 @@ grew its weight norm 200-fold that way).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -236,31 +236,74 @@ class Quadratic:
     inputs have outside the span of the calibration rows, relative to ``mean(diag H)``
     (:meth:`LayerStatistics.unseen_energy`; 0 when the rows span every direction): the
     exact solver's sweeps damp by at least that much.
+
+    **Low-rank form.** With ``factor`` ``Z`` ``(G, D, K)`` given and ``H`` None, ``H = Z·Zᵀ`` is
+    never formed: a product ``V·H`` is ``(V·Z)·Zᵀ``, which costs less than one with ``H`` when
+    ``K`` (the rows of all terms, ``M`` per term) is below ``D/2``, and ``Z`` is smaller than
+    ``H`` (:attr:`representation`). :meth:`dense` forms ``H`` when a solver needs it.
     """
 
-    H: torch.Tensor
+    H: torch.Tensor | None
     F: torch.Tensor
     anchor: torch.Tensor
     f0: torch.Tensor
     scale: float
     damping: float = 1e-6
     unseen: float = 0.0
+    factor: torch.Tensor | None = None
 
     @classmethod
     def from_statistics(cls, stats, spec: LossSpec, teacher_matrix: torch.Tensor,
-                        dtype: torch.dtype | None = None, damping: float = 1e-6) -> "Quadratic":
-        """Build the quadratic of ``spec`` from a filled :class:`LayerStatistics`."""
+                        dtype: torch.dtype | None = None, damping: float = 1e-6,
+                        lowrank: bool = False) -> "Quadratic":
+        """Build the quadratic of ``spec`` from a filled :class:`LayerStatistics`.
+
+        ``lowrank``: keep ``H`` as the factor ``Z`` when the statistics hold the unfolded
+        inputs (``stats.representation == "lowrank"``); otherwise ``H`` is formed.
+        """
         if spec.objective != "linear":
             raise ValueError("objective: the Gram form exists only for objective='linear'; "
                              "use form='data' for the activation objective")
         dtype = dtype or stats.dtype
-        g_tt, g_ee, g_et = (g.to(dtype) for g in (stats.G_TT, stats.G_EE, stats.G_ET))
-        g_te = g_et.transpose(1, 2)
         a = teacher_matrix.to(dtype)
+        scale = 1.0 / (stats.rows * teacher_matrix.shape[0] * teacher_matrix.shape[1])
+        # H and F carry the rounding of the statistics' dtype, about ε·D·mean(diag H) in
+        # spectral norm; damping below that would invert rounding noise along the null
+        # space of H (M < D), so δ never goes under it.
+        damping = max(damping, torch.finfo(stats.dtype).eps * stats.dim)
+        unseen = stats.unseen_energy()
+        terms = spec.terms
+        e_coef = sum(t.weight * (t.d - t.b) ** 2 for t in terms)
+        if stats.representation == "lowrank":
+            x, e = stats.factors()
+            x = x.to(dtype)
+            e = e.to(dtype) if e is not None else None
+            if e is None:  # every term sees X^T: H = (Σ w)·X·Xᵀ, F = 0, f₀ = 0
+                Z = math.sqrt(sum(t.weight for t in terms)) * x
+                Fm, f0 = torch.zeros_like(a), a.new_zeros(())
+            else:
+                qs = [x + t.d * e if t.d else x for t in terms]
+                Z = torch.cat([math.sqrt(t.weight) * q for t, q in zip(terms, qs)], dim=2)
+                ae = torch.bmm(a, e)  # A·E, (G, R, M)
+                Fm = torch.zeros_like(a)
+                for t, q in zip(terms, qs):
+                    if t.d != t.b:
+                        Fm.baddbmm_(ae, q.transpose(1, 2), alpha=t.weight * (t.d - t.b))
+                f0 = e_coef * ae.pow(2).sum() if e_coef else a.new_zeros(())
+            if lowrank:
+                return cls(None, Fm, a, f0, scale, damping, unseen, factor=Z.contiguous())
+            from .statistics import symmetric_gram
+
+            return cls(symmetric_gram(Z), Fm, a, f0, scale, damping, unseen)
+        g_tt = stats.G_TT.to(dtype)
+        if not stats.has_error:  # E = 0: H = (Σ w)·G_TT, F = 0, f₀ = 0
+            return cls(sum(t.weight for t in terms) * g_tt, torch.zeros_like(a), a, a.new_zeros(()), scale,
+                       damping, unseen)
+        g_ee, g_et = stats.G_EE.to(dtype), stats.G_ET.to(dtype)
+        g_te = g_et.transpose(1, 2)
         H = torch.zeros_like(g_tt)
         K = torch.zeros_like(g_tt)
-        e_coef = 0.0
-        for t in spec.terms:
+        for t in terms:
             H += t.weight * g_tt
             if t.d:
                 H += (t.weight * t.d) * (g_et + g_te) + (t.weight * t.d * t.d) * g_ee
@@ -269,15 +312,47 @@ class Quadratic:
                 K += (t.weight * db) * g_te
                 if t.d:
                     K += (t.weight * db * t.d) * g_ee
-                e_coef += t.weight * db * db
         Fm = torch.bmm(a, K.transpose(1, 2))
         f0 = e_coef * (torch.bmm(a, g_ee) * a).sum() if e_coef else a.new_zeros(())
-        scale = 1.0 / (stats.rows * teacher_matrix.shape[0] * teacher_matrix.shape[1])
-        # H and F carry the rounding of the statistics' dtype, about ε·D·mean(diag H) in
-        # spectral norm; damping below that would invert rounding noise along the null
-        # space of H (M < D), so δ never goes under it.
-        damping = max(damping, torch.finfo(stats.dtype).eps * H.shape[-1])
-        return cls(H, Fm, a, f0, scale, damping)
+        return cls(H, Fm, a, f0, scale, damping, unseen)
+
+    # ------------------------------------------------------ the representation
+    @property
+    def representation(self) -> str:
+        """``"gram"`` (``H`` held) or ``"lowrank"`` (``H = Z·Zᵀ`` through ``factor``)."""
+        return "gram" if self.H is not None else "lowrank"
+
+    def hmul(self, V: torch.Tensor) -> torch.Tensor:
+        """``V·H`` for ``V`` ``(G, n, D)``."""
+        if self.H is not None:
+            return torch.bmm(V, self.H)
+        return torch.bmm(torch.bmm(V, self.factor), self.factor.transpose(1, 2))
+
+    def residual(self, delta: torch.Tensor) -> torch.Tensor:
+        """``Δ·H + F`` at ``Δ = W − A`` (the gradient is ``2s`` times this)."""
+        if self.H is not None:
+            return torch.baddbmm(self.F, delta, self.H)
+        return self.hmul(delta).add_(self.F)
+
+    def diag_H(self) -> torch.Tensor:
+        """``diag(H)`` per group, ``(G, D)``."""
+        if self.H is not None:
+            return torch.diagonal(self.H, dim1=-2, dim2=-1)
+        return self.factor.pow(2).sum(-1)
+
+    def H_block(self, rows: slice, cols: slice) -> torch.Tensor:
+        """``H[:, rows, cols]``."""
+        if self.H is not None:
+            return self.H[:, rows, cols]
+        return torch.bmm(self.factor[:, rows], self.factor[:, cols].transpose(1, 2))
+
+    def dense(self) -> "Quadratic":
+        """The same quadratic with ``H`` formed (itself when it already is)."""
+        if self.H is not None:
+            return self
+        from .statistics import symmetric_gram
+
+        return replace(self, H=symmetric_gram(self.factor), factor=None)
 
     def restrict(self, cols: torch.Tensor) -> "Quadratic":
         """The quadratic over the columns ``cols`` with every other weight fixed at zero.
@@ -285,32 +360,46 @@ class Quadratic:
         With ``Δ_out = −A_out`` fixed, ``F' = F_in − A_out·H_out,in`` and
         ``f₀' = f₀ + tr(A_out H_out,out A_outᵀ) − 2·tr(A_out F_outᵀ)``.
         """
-        D = self.H.shape[-1]
-        out = torch.ones(D, dtype=torch.bool, device=self.H.device)
+        D = self.anchor.shape[-1]
+        out = torch.ones(D, dtype=torch.bool, device=self.anchor.device)
         out[cols] = False
         a_out = self.anchor[..., out]
-        H_in = self.H[:, cols][:, :, cols]
-        H_oi = self.H[:, out][:, :, cols]
-        H_oo = self.H[:, out][:, :, out]
-        F_in = self.F[..., cols] - torch.bmm(a_out, H_oi)
-        f0 = self.f0 + (torch.bmm(a_out, H_oo) * a_out).sum() - 2 * (a_out * self.F[..., out]).sum()
-        return Quadratic(H_in.contiguous(), F_in.contiguous(), self.anchor[..., cols].contiguous(), f0,
-                         self.scale, self.damping, self.unseen)
+        if self.H is not None:
+            H_in = self.H[:, cols][:, :, cols].contiguous()
+            F_in = self.F[..., cols] - torch.bmm(a_out, self.H[:, out][:, :, cols])
+            a_h = torch.bmm(a_out, self.H[:, out][:, :, out])
+            Z_in = None
+        else:
+            az = torch.bmm(a_out, self.factor[:, out])  # A_out·Z_out
+            Z_in = self.factor[:, cols].contiguous()
+            F_in = self.F[..., cols] - torch.bmm(az, Z_in.transpose(1, 2))
+            a_h = torch.bmm(az, self.factor[:, out].transpose(1, 2))
+            H_in = None
+        f0 = self.f0 + (a_h * a_out).sum() - 2 * (a_out * self.F[..., out]).sum()
+        return Quadratic(H_in, F_in.contiguous(), self.anchor[..., cols].contiguous(), f0,
+                         self.scale, self.damping, self.unseen, Z_in)
 
     def to(self, dtype: torch.dtype) -> "Quadratic":
         """The same quadratic with its tensors in ``dtype``."""
-        return Quadratic(self.H.to(dtype), self.F.to(dtype), self.anchor.to(dtype), self.f0.to(dtype),
-                         self.scale, self.damping, self.unseen)
+        return Quadratic(None if self.H is None else self.H.to(dtype), self.F.to(dtype), self.anchor.to(dtype),
+                         self.f0.to(dtype), self.scale, self.damping, self.unseen,
+                         None if self.factor is None else self.factor.to(dtype))
 
     # -------------------------------------------------------------- values
     def residual_grad(self, W: torch.Tensor) -> torch.Tensor:
         """``ΔH + F`` (the gradient is ``2s`` times this)."""
-        return torch.baddbmm(self.F, W - self.anchor, self.H)
+        return self.residual(W - self.anchor)
 
     def loss(self, W: torch.Tensor) -> torch.Tensor:
         delta = W - self.anchor
-        g = torch.baddbmm(self.F, delta, self.H)
+        if self.H is None:  # tr(ΔHΔᵀ) = ‖Δ·Z‖²: one product, not two
+            return self.scale * (torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F).sum() + self.f0)
+        g = self.residual(delta)
         return self.scale * ((delta * (g + self.F)).sum() + self.f0)
+
+    def teacher_loss(self) -> torch.Tensor:
+        """``L(A) = s·f₀``: the loss at the teacher's weight, without a product."""
+        return self.scale * self.f0
 
     def grad(self, W: torch.Tensor) -> torch.Tensor:
         return (2.0 * self.scale) * self.residual_grad(W)
@@ -318,16 +407,15 @@ class Quadratic:
     @property
     def R(self) -> torch.Tensor:
         """``R = A·H − F``: the gradient is ``2s·(W·H − R)``."""
-        return torch.bmm(self.anchor, self.H) - self.F
+        return self.hmul(self.anchor) - self.F
 
     def damping_lambda(self, H: torch.Tensor | None = None) -> torch.Tensor:
         """``λ = δ·mean(diag H)`` per group, shape ``(G,)``: the damping added where ``H`` is inverted."""
-        H = self.H if H is None else H
-        d = torch.diagonal(H, dim1=-2, dim2=-1)
-        return self.damping * d.mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+        d = self.diag_H() if H is None else torch.diagonal(H, dim1=-2, dim2=-1)
+        return self.damping * d.mean(-1).clamp_min(torch.finfo(d.dtype).tiny)
 
     def damped_H(self, H: torch.Tensor | None = None) -> torch.Tensor:
-        H = self.H if H is None else H
+        H = self.dense().H if H is None else H
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
         return H + self.damping_lambda(H)[..., None, None] * eye
 
@@ -342,7 +430,7 @@ class Quadratic:
         """Per output row, ``(ΔHΔᵀ + 2ΔFᵀ)_rr`` (the loss without ``f₀`` and ``s``), shape
         ``(G, C_out/G)``: how grid scales are compared row by row."""
         delta = W - self.anchor
-        return (delta * (torch.bmm(delta, self.H) + 2 * self.F)).sum(-1)
+        return (delta * (self.hmul(delta) + 2 * self.F)).sum(-1)
 
     def best_scale(self, codes: torch.Tensor, levels: int, per_channel: bool, old: torch.Tensor,
                    W: torch.Tensor) -> torch.Tensor:
@@ -355,16 +443,16 @@ class Quadratic:
         Rows whose codes are all zero (or with no positive optimum) keep their ``old`` scale.
         """
         wc = codes.shape[-1]
-        D = self.H.shape[-1]
-        z = codes.to(self.H.dtype) / levels
+        D = self.anchor.shape[-1]
+        z = codes.to(self.anchor.dtype) / levels
         R = self.R
         if wc < D:
             z = torch.cat([z, torch.zeros_like(z[..., : D - wc])], dim=-1)
             fixed = torch.zeros_like(self.anchor)
             fixed[..., wc:] = W[..., wc:].to(fixed.dtype)
-            R = R - torch.bmm(fixed, self.H)
+            R = R - self.hmul(fixed)
         num = (z * R).sum(-1, keepdim=True)
-        den = (torch.bmm(z, self.H) * z).sum(-1, keepdim=True)
+        den = (self.hmul(z) * z).sum(-1, keepdim=True)
         if not per_channel:
             num, den = num.sum().reshape(1, 1, 1), den.sum().reshape(1, 1, 1)
         ok = (den > 0) & (num > 0)
@@ -382,15 +470,15 @@ class Quadratic:
         joint optimum to rounding (a 2×2 problem per row for per-channel scales).
         """
         wc = codes.shape[-1]
-        D = self.H.shape[-1]
+        D = self.anchor.shape[-1]
         scale = self.best_scale(codes, levels, per_channel, old, W)
         if wc == D:
             return scale, W[..., wc:]
-        z = torch.cat([codes.to(self.H.dtype) / levels,
-                       torch.zeros(*codes.shape[:-1], D - wc, dtype=self.H.dtype, device=codes.device)], -1)
-        zH = torch.bmm(z, self.H)[..., wc:]
+        z = torch.cat([codes.to(self.anchor.dtype) / levels,
+                       torch.zeros(*codes.shape[:-1], D - wc, dtype=self.anchor.dtype, device=codes.device)], -1)
+        zH = self.hmul(z)[..., wc:]
         R = self.R[..., wc:]
-        Huu = self.damped_H(self.H[:, wc:, wc:])
+        Huu = self.damped_H(self.H_block(slice(wc, D), slice(wc, D)))
         L = robust_cholesky(Huu)
         W = W.clone()
         for _ in range(rounds):
@@ -409,5 +497,5 @@ class Quadratic:
         """``(W*, c)`` with ``L(W) = s·[tr((W−W*)H(W−W*)ᵀ) + c]`` (exact for non-singular H)."""
         w_star = self.minimizer()
         delta = w_star - self.anchor
-        c = self.f0 - (torch.bmm(delta, self.H) * delta).sum()
+        c = self.f0 - (self.hmul(delta) * delta).sum()
         return w_star, c

@@ -281,6 +281,7 @@ def exact_solve(quad: Quadratic, plan: ConstraintPlan):
     statistics); the sweeps and coordinate passes, damped by at least ``GPTQ_DAMPING``,
     work in the statistics' dtype.
     """
+    quad = quad.dense()
     out_dtype = quad.H.dtype
     if plan.weight is not None or plan.nm is not None:
         W, support = _prune(quad, plan)

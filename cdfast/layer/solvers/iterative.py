@@ -231,7 +231,7 @@ class TorchGramEngine:
     def step(self, i: int, lr: float, want_value: bool, keep_previous: bool) -> torch.Tensor | None:
         q = self.quad
         delta = self.effective() - q.anchor
-        G = torch.baddbmm(q.F, delta, q.H)
+        G = q.residual(delta)
         value = (delta * (G + q.F)).sum() + q.f0 if want_value else None
         if keep_previous:
             self.prev = self.W.clone()
