@@ -247,7 +247,9 @@ def distill_layer(teacher_layer: nn.Module,
         if statistics is None:
             stats = LayerStatistics(geometry, dtype=stats_dtype, fit_bias=fit_bias, backend=backend)
             stats.update_many(pairs)
-        if choose and solver != "exact":
+        # the low-rank form runs on torch: a Gram-form kernel the caller asked for (or the
+        # device offers) keeps the Gram form
+        if choose and solver != "exact" and dispatch.resolve("gram_solve", device, backend, strict)[0] == "torch":
             form = choose_form(stats, spec, plan, geometry.group_out)
         if form == "lowrank" and stats.representation != "lowrank":
             raise ValueError(f"form: 'lowrank' keeps the unfolded inputs, which needs fewer sampled rows "
