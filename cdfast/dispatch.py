@@ -42,6 +42,8 @@ OPS: dict[str, str] = {
     "group_shrink": "prox of t·Σ_i ‖W[:, i]‖₂ over input channels",
     "topk_mask": "boolean mask of the k largest scores",
     "quantize": "(codes, values) of W on the grid scale·{0, ±1/L, …, ±1}",
+    "sweep_block": "fix one block of columns of a GPTQ/SparseGPT-style column sweep, in place",
+    "coordinate_block": "one block of columns of a coordinate pass over the layer quadratic, in place",
 }
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")

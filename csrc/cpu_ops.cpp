@@ -1,9 +1,14 @@
-// cdfast._cpu: the top-k selection of cdfast.layer.constraints.topk_mask on the CPU.
+// cdfast._cpu: CPU kernels of the operators that pay for themselves.
 //
-// The budget schedules select the k largest of every weight magnitude at each
-// ramp step; a radix select is 5x faster than torch.topk there (1.1-1.2x on a
-// whole distill_layer call with a weight budget, bench/). The other projection
-// operators gained nothing measurable over torch and were removed.
+// * topk_mask (cdfast.layer.constraints.topk_mask): the budget schedules select the
+//   k largest of every weight magnitude at each ramp step; a radix select is 5x
+//   faster than torch.topk there (1.1-1.2x on a whole distill_layer call with a
+//   weight budget, bench/). The other projection operators gained nothing
+//   measurable over torch and were removed.
+// * sweep_block, coordinate_block (cdfast.layer.solvers.sweep): the column loops of
+//   the exact solver's sweeps and coordinate passes. In torch every column costs a
+//   handful of operator calls, which on a layer of a few hundred columns is most of
+//   the solve; here a block of columns is one call, its rows split over threads.
 //
 // The function works on raw pointers (tensor.data_ptr()) and sizes; the Python
 // wrapper in cdfast/_backends/cpp.py checks dtypes, devices, shapes and
@@ -19,6 +24,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -217,6 +223,190 @@ void topk_mask(int64_t scores, int64_t out, int64_t n, int64_t k, int dtype, int
     topk_mask_impl(ptr<const double>(scores), ptr<bool>(out), n, k, nthreads);
 }
 
+// ------------------------------------------------------------ column blocks
+// A block is n columns of the transposed weight: rows of R contiguous elements. Each array
+// has its own group stride (gs_*); square n x n blocks (V, U, H) have row stride ld; inv
+// and step are (G, R) with group stride gr; pivots and neg_inv (G, n) with group stride gp.
+// Every operation is elementwise along a row r, so rows are split over threads.
+template <class T>
+inline T fix_value(T w, const T* inv, const T* step, int64_t r, T levels, bool grid, const T* mrow) {
+  if (grid) {
+    T q = std::nearbyint(w * inv[r]);
+    q = q < -levels ? -levels : (q > levels ? levels : q);
+    w = q * step[r];
+  }
+  if (mrow) w = w * mrow[r];
+  return w;
+}
+
+template <class T>
+inline T* at(T* p, int64_t g, int64_t stride) {
+  return p ? p + g * stride : nullptr;
+}
+
+constexpr int64_t kRowChunk = 256;
+
+template <class T>
+void sweep_block_impl(T* W, int64_t gsW, const T* Tg, int64_t gsT, const T* V, int64_t gsV, T* D, int64_t gsD, T* Y,
+                      int64_t gsY, T* M, int64_t gsM, const T* inv, const T* step, int64_t gr, T levels, int64_t grid,
+                      int64_t nm_m, int64_t nm_keep, const T* U, int64_t gsU, const T* piv, int64_t gp,
+                      int64_t nm_cols, int64_t G, int64_t n, int64_t R, int64_t ld, int nthreads) {
+  const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
+  const int nthr = threads_for(G * n * n * R, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nthr)
+  for (int64_t job = 0; job < G * chunks; ++job) {
+    const int64_t g = job / chunks, r0 = (job % chunks) * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
+    T* Wg = at(W, g, gsW);
+    const T* Tq = at(Tg, g, gsT);
+    const T* Vg = at(V, g, gsV);
+    T* Dg = at(D, g, gsD);
+    T* Yg = at(Y, g, gsY);
+    T* Mg = at(M, g, gsM);
+    const T* ig = at(inv, g, gr);
+    const T* sg = at(step, g, gr);
+    const T* Ug = at(U, g, gsU);
+    const T* pg = at(piv, g, gp);
+    std::vector<T> x(static_cast<size_t>(std::max<int64_t>(nm_m, 1))), sc(x.size());
+    for (int64_t i = 0; i < n; ++i) {
+      T* wi = Wg + i * R;
+      if (nm_m > 0 && i % nm_m == 0 && i < nm_cols) {
+        // the group's values with every earlier column fixed: t + (Ũ_wwᵀ)⁻¹·(d·(w − t))
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t k = 0; k < nm_m; ++k) {
+            const int64_t row = (i + k) * R + r;
+            const T dk = Ug[(i + k) * ld + i + k];
+            T acc = (Wg[row] - Tq[row]) * dk;
+            for (int64_t l = 0; l < k; ++l) acc -= Ug[(i + l) * ld + i + k] * x[l];
+            x[k] = acc / dk;
+            const T v = Tq[row] + x[k];
+            sc[k] = v * v * pg[i + k];
+          }
+          for (int64_t k = 0; k < nm_m; ++k) {  // kept: fewer than nm_keep scores beat it (ties: lower index)
+            int64_t above = 0;
+            for (int64_t l = 0; l < nm_m; ++l) above += sc[l] > sc[k] || (sc[l] == sc[k] && l < k);
+            Mg[(i + k) * R + r] = above < nm_keep ? T(1) : T(0);
+          }
+        }
+      }
+      const bool gridded = ig && i < grid;
+      const T* mrow = Mg ? Mg + i * R : nullptr;
+      T* di = Dg + i * R;
+      const T* ti = Tq + i * R;
+      T* yi = Yg ? Yg + i * R : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T w = wi[r];
+        const T q = fix_value(w, ig, sg, r, levels, gridded, mrow);
+        wi[r] = q;
+        di[r] = ti[r] - q;
+        if (yi) yi[r] = w - q;
+      }
+      for (int64_t k = i + 1; k < n; ++k) {
+        const T c = Vg[i * ld + k];
+        T* wk = Wg + k * R;
+        for (int64_t r = r0; r < r1; ++r) wk[r] += c * di[r];
+      }
+    }
+  }
+}
+
+template <class T>
+void coordinate_block_impl(T* W, int64_t gsW, T* g, int64_t gsg, const T* H, int64_t gsH, const T* neg_inv,
+                           int64_t gp, T* D, int64_t gsD, const T* M, int64_t gsM, const T* inv, const T* step,
+                           int64_t gr, T levels, int64_t grid, int64_t G, int64_t n, int64_t R, int64_t ld,
+                           int nthreads) {
+  const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
+  const int nthr = threads_for(G * n * n * R, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nthr)
+  for (int64_t job = 0; job < G * chunks; ++job) {
+    const int64_t b = job / chunks, r0 = (job % chunks) * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
+    T* Wg = at(W, b, gsW);
+    T* gg = at(g, b, gsg);
+    const T* Hg = at(H, b, gsH);
+    const T* ng = at(neg_inv, b, gp);
+    T* Dg = at(D, b, gsD);
+    const T* Mg = at(M, b, gsM);
+    const T* ig = at(inv, b, gr);
+    const T* sg = at(step, b, gr);
+    for (int64_t i = 0; i < n; ++i) {
+      T* wi = Wg + i * R;
+      const T* gi = gg + i * R;
+      T* di = Dg + i * R;
+      const T ni = ng[i];
+      const bool gridded = ig && i < grid;
+      const T* mrow = Mg ? Mg + i * R : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T w = wi[r];
+        const T q = fix_value(T(w + gi[r] * ni), ig, sg, r, levels, gridded, mrow);
+        wi[r] = q;
+        di[r] = q - w;
+      }
+      for (int64_t k = i + 1; k < n; ++k) {
+        const T c = Hg[k * ld + i];
+        T* gk = gg + k * R;
+        for (int64_t r = r0; r < r1; ++r) gk[r] += c * di[r];
+      }
+    }
+  }
+}
+
+void check_block(int64_t G, int64_t n, int64_t R, int64_t ld) {
+  if (G < 1 || n < 1 || R < 1) throw std::invalid_argument("G, n, R: expected >= 1");
+  if (ld < n) throw std::invalid_argument("ld: expected at least n");
+}
+
+void sweep_block(int64_t W, int64_t gsW, int64_t T, int64_t gsT, int64_t V, int64_t gsV, int64_t D, int64_t gsD,
+                 int64_t Y, int64_t gsY, int64_t M, int64_t gsM, int64_t inv, int64_t step, int64_t gr, double levels,
+                 int64_t grid, int64_t nm_m, int64_t nm_keep, int64_t U, int64_t gsU, int64_t piv, int64_t gp,
+                 int64_t nm_cols, int64_t G, int64_t n, int64_t R, int64_t ld, int dtype, int nthreads) {
+  check_dtype(dtype);
+  check_block(G, n, R, ld);
+  check_ptr("W", W, 1);
+  check_ptr("T", T, 1);
+  check_ptr("V", V, 1);
+  check_ptr("D", D, 1);
+  if ((inv == 0) != (step == 0)) throw std::invalid_argument("inv, step: give both or neither");
+  // an N:M group starts at every m-th column before cols and must end inside the block
+  // (columns from cols on, a fitted bias, are never grouped)
+  const int64_t groups = nm_m > 0 ? (std::max<int64_t>(0, std::min(n, nm_cols)) + nm_m - 1) / nm_m : 0;
+  if (nm_m > 0 && (M == 0 || U == 0 || piv == 0 || nm_keep < 0 || nm_keep > nm_m || groups * nm_m > n))
+    throw std::invalid_argument("nm: needs the mask, U and pivots, 0 <= keep <= m, and whole groups in the block");
+  py::gil_scoped_release nogil;
+  if (dtype == 0)
+    sweep_block_impl(ptr<float>(W), gsW, ptr<const float>(T), gsT, ptr<const float>(V), gsV, ptr<float>(D), gsD,
+                     ptr<float>(Y), gsY, ptr<float>(M), gsM, ptr<const float>(inv), ptr<const float>(step), gr,
+                     float(levels), grid, nm_m, nm_keep, ptr<const float>(U), gsU, ptr<const float>(piv), gp, nm_cols,
+                     G, n, R, ld, nthreads);
+  else
+    sweep_block_impl(ptr<double>(W), gsW, ptr<const double>(T), gsT, ptr<const double>(V), gsV, ptr<double>(D), gsD,
+                     ptr<double>(Y), gsY, ptr<double>(M), gsM, ptr<const double>(inv), ptr<const double>(step), gr,
+                     levels, grid, nm_m, nm_keep, ptr<const double>(U), gsU, ptr<const double>(piv), gp, nm_cols, G,
+                     n, R, ld, nthreads);
+}
+
+void coordinate_block(int64_t W, int64_t gsW, int64_t g, int64_t gsg, int64_t H, int64_t gsH, int64_t neg_inv,
+                      int64_t gp, int64_t D, int64_t gsD, int64_t M, int64_t gsM, int64_t inv, int64_t step,
+                      int64_t gr, double levels, int64_t grid, int64_t G, int64_t n, int64_t R, int64_t ld,
+                      int dtype, int nthreads) {
+  check_dtype(dtype);
+  check_block(G, n, R, ld);
+  check_ptr("W", W, 1);
+  check_ptr("g", g, 1);
+  check_ptr("H", H, 1);
+  check_ptr("neg_inv", neg_inv, 1);
+  check_ptr("D", D, 1);
+  if ((inv == 0) != (step == 0)) throw std::invalid_argument("inv, step: give both or neither");
+  py::gil_scoped_release nogil;
+  if (dtype == 0)
+    coordinate_block_impl(ptr<float>(W), gsW, ptr<float>(g), gsg, ptr<const float>(H), gsH,
+                          ptr<const float>(neg_inv), gp, ptr<float>(D), gsD, ptr<const float>(M), gsM,
+                          ptr<const float>(inv), ptr<const float>(step), gr, float(levels), grid, G, n, R, ld,
+                          nthreads);
+  else
+    coordinate_block_impl(ptr<double>(W), gsW, ptr<double>(g), gsg, ptr<const double>(H), gsH,
+                          ptr<const double>(neg_inv), gp, ptr<double>(D), gsD, ptr<const double>(M), gsM,
+                          ptr<const double>(inv), ptr<const double>(step), gr, levels, grid, G, n, R, ld, nthreads);
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -228,9 +418,11 @@ int max_threads() {
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "cdfast CPU kernels: top-k selection on raw pointers (see cdfast/_backends/cpp.py)";
+  m.doc() = "cdfast CPU kernels: top-k selection and the exact solver's column blocks (see cdfast/_backends/cpp.py)";
   m.def("topk_mask", &topk_mask, py::arg("scores"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("dtype"),
         py::arg("nthreads") = 1, "out (bool) marks the k largest scores; ties by lowest index");
+  m.def("sweep_block", &sweep_block, "fix a block of columns of a sweep in place (cdfast.layer.solvers.sweep)");
+  m.def("coordinate_block", &coordinate_block, "one block of a coordinate pass in place (cdfast.layer.solvers.sweep)");
   m.def("max_threads", &max_threads);
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -1,4 +1,5 @@
-"""The C++ CPU backend (cdfast._cpu via cdfast._backends.cpp): ``topk_mask`` against the torch oracle."""
+"""The C++ CPU backend (cdfast._cpu via cdfast._backends.cpp): ``topk_mask`` and the exact solver's
+column blocks against the torch oracle."""
 
 import pytest
 import torch
@@ -182,3 +183,80 @@ def test_distill_layer_cpp_float32_grouped(compression):
     assert torch.equal(a.mask, b.mask)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
     assert abs(a.loss_after - b.loss_after) <= 1e-4 * max(1.0, abs(b.loss_after))
+
+
+# ------------------------------------------------------------- the column blocks
+from cdfast.layer.solvers import sweep as S  # noqa: E402
+
+
+def _block_problem(G, n, R, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    D = n + 7  # the block is a slice of a larger matrix, as in a sweep
+    X = torch.randn(G, D, 3 * D, generator=g, dtype=torch.float64)
+    H = (X @ X.transpose(1, 2) + torch.eye(D, dtype=torch.float64)).to(dtype)
+    U = S.reverse_cholesky(H)
+    V = U / torch.diagonal(U, dim1=-2, dim2=-1)[:, None, :]
+    W = torch.randn(G, D, R, generator=g, dtype=torch.float64).to(dtype)
+    T = W + 0.1 * torch.randn(G, D, R, generator=g, dtype=torch.float64).to(dtype)
+    mask = (torch.rand(G, D, R, generator=g) > 0.4).to(dtype)
+    scale = (T.abs().amax(1) * 0.7).contiguous()
+    return H, U, V, W, T, mask, 3.0 / scale, scale / 3.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["mask", "grid", "grid+mask", "nm", "nm+grid"])
+@pytest.mark.parametrize("G,R", [(1, 37), (3, 300)])
+def test_sweep_block_matches_torch(dtype, kind, G, R):
+    n, s0 = 12, 4
+    H, U, V, W, T, mask, inv, step = _block_problem(G, n, R, dtype, 1)
+    sl = slice(s0, s0 + n)
+    nm = (4, 2, U[:, sl, sl], torch.diagonal(U, dim1=-2, dim2=-1).pow(2)[:, sl], 10) if "nm" in kind else None
+    grid = 9 if "grid" in kind else 0
+    outs = []
+    for fn in (S.sweep_block, cpp.sweep_block):
+        Wb, Mb = W.clone(), mask.clone()
+        Db = torch.full_like(W, float("nan"))  # every element must be written
+        Yb = torch.full_like(W, float("nan"))
+        fn(Wb[:, sl], T[:, sl], V[:, sl, sl], Db[:, sl], Yb[:, sl], Mb[:, sl] if kind != "grid" else None,
+           inv if grid else None, step if grid else None, 3.0, grid, nm)
+        outs.append((Wb, Db[:, sl], Yb[:, sl], Mb))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, **tol)
+    assert torch.equal(outs[0][0][:, :s0], W[:, :s0]) and torch.equal(outs[1][0][:, s0 + n:], W[:, s0 + n:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["mask", "grid", "grid+mask"])
+def test_coordinate_block_matches_torch(dtype, kind):
+    G, n, R, s0 = 2, 11, 70, 3
+    H, U, V, W, T, mask, inv, step = _block_problem(G, n, R, dtype, 2)
+    sl = slice(s0, s0 + n)
+    g0 = torch.bmm(H, W - T)[:, sl].contiguous()
+    neg_inv = (-1.0 / torch.diagonal(H, dim1=-2, dim2=-1)).contiguous()
+    grid = 8 if "grid" in kind else 0
+    outs = []
+    for fn in (S.coordinate_block, cpp.coordinate_block):
+        Wb, gb = W.clone(), g0.clone()
+        Db = torch.full((G, n, R), float("nan"), dtype=dtype)
+        fn(Wb[:, sl], gb, H[:, sl, sl], neg_inv[:, sl], Db, mask[:, sl] if "mask" in kind else None,
+           inv if grid else None, step if grid else None, 3.0, grid)
+        outs.append((Wb, gb[:, -1], Db))  # the last column's gradient saw every earlier change
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("comp", [cdfast.WeightPrune(0.4), cdfast.NMSparsity(2, 4), cdfast.Quantize(3),
+                                  [cdfast.ChannelPrune(0.5), cdfast.Quantize(4)]], ids=str)
+def test_exact_solver_is_the_same_on_cpp_and_torch(comp):
+    assert dispatch.resolve("sweep_block", "cpu")[0] == "cpp"
+    torch.manual_seed(3)
+    conv = nn.Conv2d(16, 10, 3, padding=1, groups=2).double()
+    h = torch.randn(4, 16, 7, 7, dtype=torch.float64)
+    h_s = h + 0.2 * torch.randn_like(h)
+    kw = dict(compression=comp, solver="exact", stats_dtype=torch.float64, fit_bias=True)  # a free last column
+    a = cdfast.distill_layer(conv, h, h_s, backend="torch", **kw)
+    b = cdfast.distill_layer(conv, h, h_s, backend="cpp", **kw)
+    assert torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(b.weight, a.weight, rtol=1e-9, atol=1e-12)

@@ -8,6 +8,7 @@ from ..layer import constraints
 from ..layer.geometry import LayerGeometry
 from ..layer.statistics import symmetric_gram
 from ..layer.solvers import gram_iterative
+from ..layer.solvers import sweep as _sweep
 
 # Unfold at most this many elements at once, so a large calibration batch
 # streams through bounded memory.
@@ -43,6 +44,8 @@ def statistics(h_teacher: torch.Tensor, h_student: torch.Tensor, geometry: Layer
 
 # The solvers' own torch paths.
 register("gram_solve", "torch")(gram_iterative)
+register("sweep_block", "torch")(_sweep.sweep_block)
+register("coordinate_block", "torch")(_sweep.coordinate_block)
 
 # The projection operators: the pure functions of cdfast.layer.constraints are the oracle.
 register("soft_threshold", "torch")(constraints.soft_threshold)

@@ -261,7 +261,7 @@ def distill_layer(teacher_layer: nn.Module,
         if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
             W, history, backend_used, solver = anchor.clone(), [(0, 0.0)], "torch", "none"
         elif solver == "exact":
-            W, history = exact_solve(quad, plan)
+            W, history = exact_solve(quad, plan, backend, strict)
             backend_used = "torch"
         elif form == "lowrank":  # plain torch products on any device
             W, history = gram_iterative(quad, plan, cfg)

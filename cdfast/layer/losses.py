@@ -433,26 +433,29 @@ class Quadratic:
         return (delta * (self.hmul(delta) + 2 * self.F)).sum(-1)
 
     def best_scale(self, codes: torch.Tensor, levels: int, per_channel: bool, old: torch.Tensor,
-                   W: torch.Tensor) -> torch.Tensor:
+                   W: torch.Tensor, zH: torch.Tensor | None = None) -> torch.Tensor:
         r"""Closed-form grid scale for fixed codes ``z = codes/L`` on the first ``w =
         codes.shape[-1]`` columns, the other columns of ``W`` (a fitted bias) held fixed.
 
         With ``W = [s·z, u]``, minimising the quadratic over ``s`` gives per row
         ``s = z̃·(r − ũ·H)ᵀ / (z̃ H z̃ᵀ)``, ``z̃ = [z, 0]``, ``ũ = [0, u]`` and ``r`` the row of
         ``R = A·H − F`` (numerator and denominator summed over rows for a per-layer scale).
-        Rows whose codes are all zero (or with no positive optimum) keep their ``old`` scale.
+        ``H`` being symmetric, ``z̃·(r − ũH)ᵀ = (z̃H)·(a − ũ)ᵀ − z̃·fᵀ``: one product ``z̃·H`` (pass
+        it as ``zH`` when known). Rows whose codes are all zero (or with no positive
+        optimum) keep their ``old`` scale.
         """
         wc = codes.shape[-1]
         D = self.anchor.shape[-1]
         z = codes.to(self.anchor.dtype) / levels
-        R = self.R
+        target = self.anchor
         if wc < D:
             z = torch.cat([z, torch.zeros_like(z[..., : D - wc])], dim=-1)
-            fixed = torch.zeros_like(self.anchor)
-            fixed[..., wc:] = W[..., wc:].to(fixed.dtype)
-            R = R - self.hmul(fixed)
-        num = (z * R).sum(-1, keepdim=True)
-        den = (self.hmul(z) * z).sum(-1, keepdim=True)
+            target = self.anchor.clone()
+            target[..., wc:] -= W[..., wc:].to(target.dtype)
+        if zH is None:
+            zH = self.hmul(z)
+        num = (zH * target).sum(-1, keepdim=True) - (z * self.F).sum(-1, keepdim=True)
+        den = (zH * z).sum(-1, keepdim=True)
         if not per_channel:
             num, den = num.sum().reshape(1, 1, 1), den.sum().reshape(1, 1, 1)
         ok = (den > 0) & (num > 0)
@@ -471,13 +474,15 @@ class Quadratic:
         """
         wc = codes.shape[-1]
         D = self.anchor.shape[-1]
-        scale = self.best_scale(codes, levels, per_channel, old, W)
-        if wc == D:
-            return scale, W[..., wc:]
         z = torch.cat([codes.to(self.anchor.dtype) / levels,
                        torch.zeros(*codes.shape[:-1], D - wc, dtype=self.anchor.dtype, device=codes.device)], -1)
-        zH = self.hmul(z)[..., wc:]
-        R = self.R[..., wc:]
+        zH_full = self.hmul(z)
+        scale = self.best_scale(codes, levels, per_channel, old, W, zH_full)
+        if wc == D:
+            return scale, W[..., wc:]
+        zH = zH_full[..., wc:]
+        # R_u = (A·H − F)_u = A·H_{:,u} − F_u, with H_{:,u} the products of the free columns
+        R = torch.bmm(self.anchor, self.H_block(slice(0, D), slice(wc, D))) - self.F[..., wc:]
         Huu = self.damped_H(self.H_block(slice(wc, D), slice(wc, D)))
         L = robust_cholesky(Huu)
         W = W.clone()
@@ -485,7 +490,7 @@ class Quadratic:
             rhs = R - scale * zH
             u = torch.cholesky_solve(rhs.transpose(1, 2), L).transpose(1, 2)
             W[..., wc:] = u
-            new = self.best_scale(codes, levels, per_channel, scale, W)
+            new = self.best_scale(codes, levels, per_channel, scale, W, zH_full)
             settled = bool(((new - scale).abs() <= 1e-12 * scale.abs()).all())
             scale = new
             if settled:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ...dispatch import call
 from ..constraints import expand_channels
 from ..losses import Quadratic, robust_cholesky
 from ..plan import ConstraintPlan
@@ -54,7 +55,7 @@ __all__ = ["exact_solve", "solve_on_support", "penalized_solve", "GPTQ_DAMPING"]
 GPTQ_DAMPING = 1e-2
 #: Coordinate passes after the pruning sweep and after the rounding sweep. Each costs
 #: about two sweeps' worth of products; see bench/RESULTS.md for what they buy.
-PRUNE_PASSES = 2
+PRUNE_PASSES = 1
 QUANT_PASSES = 2
 #: Mask exchange rounds after the passes (:func:`.sweep.exchange_rounds`), at most
 #: ``EXCHANGE_ROUNDS`` and only as many as ``EXCHANGE_WORK`` multiply-adds pay for (a round
@@ -113,6 +114,20 @@ def solve_on_support(quad: Quadratic, support: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _BlockOps:
+    """The ``sweep_block`` and ``coordinate_block`` operators for a device and backend (through
+    :func:`cdfast.dispatch.call`, so a block a kernel does not take runs on torch)."""
+
+    def __init__(self, device, backend, strict):
+        self.args = (device, backend, strict)
+
+    def sweep(self, *args) -> None:
+        call("sweep_block", *self.args, *args)
+
+    def coordinate(self, *args) -> None:
+        call("coordinate_block", *self.args, *args)
+
+
 def sweep_damping(quad: Quadratic) -> float:
     """``δ`` of the sweeps: ``max(damping, GPTQ_DAMPING, unseen)`` (see the module docstring)."""
     return max(quad.damping, GPTQ_DAMPING, quad.unseen)
@@ -128,6 +143,8 @@ class _SweepProblem:
     H: torch.Tensor            # H_λ, damped, in sweep order
     U: torch.Tensor            # upper triangular, H_λ = U·Uᵀ
     order: torch.Tensor | None  # (G, D)
+    lam: torch.Tensor          # λ per group
+    optimum: bool = True       # T is the damped optimum A − F·H_λ⁻¹ (not a given target)
 
     def to_sweep(self, X: torch.Tensor) -> torch.Tensor:
         """``(G, R, D)`` in layer order → ``(G, D, R)`` in sweep order."""
@@ -155,7 +172,7 @@ def _sweep_problem(quad: Quadratic, order: torch.Tensor | None, target: torch.Te
     lam = sweep_damping(quad) * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
     H.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
     U = reverse_cholesky(H)
-    prob = _SweepProblem(None, H, U, order)
+    prob = _SweepProblem(None, H, U, order, lam, target is None)
     if target is not None:
         prob.T = prob.to_sweep(target)
     else:
@@ -166,9 +183,22 @@ def _sweep_problem(quad: Quadratic, order: torch.Tensor | None, target: torch.Te
     return prob
 
 
-def _prune(quad: Quadratic, plan: ConstraintPlan) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(quad: Quadratic, prob: _SweepProblem, Q: torch.Tensor, Y: torch.Tensor) -> float:
+    """``L(W)`` from the whitened residual ``Y`` of the sweep problem, without a product:
+    ``L/s = ‖Y‖² − ⟨A − T, F⟩ − λ‖W − A‖² + f₀`` when ``T = A − F·H_λ⁻¹`` (``‖Y‖²`` is the damped
+    ``tr((W − T)·H_λ·(W − T)ᵀ)``); any other target falls back to the quadratic itself."""
+    if not prob.optimum:
+        return float(quad.loss(prob.back(Q)))
+    A = prob.to_sweep(quad.anchor)
+    value = (Y * Y).sum() - (prob.lam[:, None, None] * (Q - A).pow(2)).sum() + quad.f0
+    if bool(quad.F.any()):
+        value = value - ((A - prob.T) * prob.to_sweep(quad.F)).sum()
+    return float(quad.scale * value)
+
+
+def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[torch.Tensor, torch.Tensor, float]:
     """Weight or N:M budget: the mask-choosing sweep, then coordinate passes on the mask.
-    Returns ``(W, support)`` in layer order."""
+    Returns ``(W, support, loss)`` in layer order."""
     geo = plan.geometry
     G, R, D = quad.anchor.shape
     wc = geo.cols
@@ -191,24 +221,25 @@ def _prune(quad: Quadratic, plan: ConstraintPlan) -> tuple[torch.Tensor, torch.T
         keep = chosen.reshape(G, windows, -1).sum(-1)
         budget = WindowBudget(prob.U, window, topk, keep=keep, cols=wc)
     rule = ColumnRule(mask=mask, budget=budget)
-    Q, Y = sweep(prob.T, prob.U, rule, block, residual=True)
+    Q, Y = sweep(prob.T, prob.U, rule, block, residual=True, block_op=ops.sweep)
     for _ in range(PRUNE_PASSES):
-        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block)
+        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block, block_op=ops.coordinate)
     if plan.weight is not None:  # exchanges: as many rounds as EXCHANGE_WORK allows
         rounds = min(EXCHANGE_ROUNDS, int(EXCHANGE_WORK // (5.0 * G * R * D * D)))
-        Q, Y = exchange_rounds(Q, Y, prob.U, prob.H, rule, wc, rounds)
-    return prob.back(Q), prob.back(rule.mask)
+        Q, Y = exchange_rounds(Q, Y, prob.U, prob.H, rule, wc, rounds, block_op=ops.coordinate)
+    return prob.back(Q), prob.back(rule.mask), _loss(quad, prob, Q, Y)
 
 
-def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor, support: torch.Tensor,
-              target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round to the grid on ``support``: the clipping search (started from ``W``), one sweep
-    in act-order, then refits of the scale alternating with coordinate passes.
+def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor | None, support: torch.Tensor,
+              target: torch.Tensor | None, ops: "_BlockOps") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Round to the grid on ``support``: the clipping search (on ``W``, or on the sweep's
+    target when None), one sweep in act-order, then refits of the scale alternating with
+    coordinate passes.
 
     The sweep's target is the damped optimum ``T`` (or ``target``, a penalised solution).
     With a channel budget the pruned columns go first in the sweep: fixing them at zero
     turns ``T`` into the optimum on the kept columns, and the rest of the sweep is the
-    sweep of the restricted problem. Returns ``(W, scale)``, ``scale`` shaped as
+    sweep of the restricted problem. Returns ``(W, scale, loss)``, ``scale`` shaped as
     ``plan.scale``.
     """
     geo, q = plan.geometry, plan.quant
@@ -221,16 +252,16 @@ def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor, support: t
     prob = _sweep_problem(quad, order, target)
     mask = None if bool(support.all()) else prob.to_sweep(support)
     pivots = torch.diagonal(prob.U, dim1=-2, dim2=-1).pow(2)[:, :wc, None]
-    start = prob.to_sweep(W)[:, :wc]
+    start = (prob.T if W is None else prob.to_sweep(W))[:, :wc]
     scale = grid_search_scale(start, pivots, q.bits, q.per_channel, None if mask is None else mask[:, :wc])
     rule = ColumnRule(mask, scale, q.bits, wc)
-    Q = sweep(prob.T, prob.U, rule)
+    Q = sweep(prob.T, prob.U, rule, block_op=ops.sweep)
     UT = upper_t_mul(prob.U, prob.T)
     for _ in range(QUANT_PASSES):
         _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
-        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule)
+        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block_op=ops.coordinate)
     scale = rule.scale.transpose(1, 2)  # (G, R, 1)
-    return prob.back(Q), (scale if q.per_channel else scale[:1, :1, :1]).contiguous()
+    return prob.back(Q), (scale if q.per_channel else scale[:1, :1, :1]).contiguous(), _loss(quad, prob, Q, Y)
 
 
 def _select_channels(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
@@ -273,38 +304,41 @@ def _select_channels(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
     return keep
 
 
-def exact_solve(quad: Quadratic, plan: ConstraintPlan):
+def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "auto", strict: bool | None = None):
     """The exact solver. Returns ``(W, history)`` with the loss after each phase.
 
     Linear solves on a support, the channel selection and the penalties work in float64
     (a nearly singular ``H`` needs the digits, and they cost little next to the
     statistics); the sweeps and coordinate passes, damped by at least ``GPTQ_DAMPING``,
-    work in the statistics' dtype.
+    work in the statistics' dtype. ``backend``/``strict`` choose the implementations of
+    the ``sweep_block`` and ``coordinate_block`` operators (:mod:`cdfast.dispatch`).
     """
     quad = quad.dense()
+    ops = _BlockOps(quad.H.device, backend, strict)
     out_dtype = quad.H.dtype
+    support = torch.ones_like(quad.anchor, dtype=torch.bool)
+    W, loss, target = None, None, None
     if plan.weight is not None or plan.nm is not None:
-        W, support = _prune(quad, plan)
-        kind_target = None
-    else:
+        W, support, loss = _prune(quad, plan, ops)
+    elif plan.channel is not None or plan.penalties or plan.quant is None:
         quad64 = quad.to(torch.float64)
-        support = torch.ones_like(quad.anchor, dtype=torch.bool)
         if plan.channel is not None:
             keep = _select_channels(quad64, plan)
             support &= expand_channels(keep, plan.geometry, support.shape[-1]).expand_as(support)
         W = solve_on_support(quad64, support)
-        kind_target = None
         if plan.penalties:
             W = penalized_solve(quad64, plan, W, support)
             support = support & (W != 0)  # what the penalties zeroed stays zero (through rounding too)
-            kind_target = W.to(out_dtype)
+            target = W.to(out_dtype)
         W = W.to(out_dtype)
     plan.mask = support
-    history = [(0, float(quad.loss(W)))]
-    if plan.quant is not None:
-        W, plan.scale = _quantize(quad, plan, W, support, kind_target)
-        history.append((1, float(quad.loss(W))))
+    history = [] if W is None else [(0, loss if loss is not None else float(quad.loss(W)))]
+    if plan.quant is not None:  # (without a budget or penalties the sweep starts from its own target)
+        W, plan.scale, loss = _quantize(quad, plan, W, support, target, ops)
+        history.append((len(history), loss))
     return W, history
+
+
 def _max_eigenvalue(H: torch.Tensor, iters: int = 50) -> torch.Tensor:
     """An upper estimate of ``λ_max(H_g)`` per group by power iteration (×1.05 for safety)."""
     v = torch.ones(H.shape[0], H.shape[-1], 1, dtype=H.dtype, device=H.device)

@@ -42,7 +42,8 @@ import torch
 from ..losses import robust_cholesky
 
 __all__ = ["BLOCK", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "coordinate_pass", "obs_values",
-           "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds"]
+           "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds",
+           "sweep_block", "coordinate_block"]
 
 #: Columns per block of the lazy updates (the in-block work is elementwise, the rest one
 #: matrix product per block).
@@ -54,7 +55,7 @@ TRI_BLOCK = 256
 def reverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """``Ũ`` upper triangular with ``H = Ũ·Ũᵀ`` (batched): the Cholesky factor of ``H`` with
     its columns taken in reverse order."""
-    return torch.flip(robust_cholesky(torch.flip(H, (-2, -1))), (-2, -1))
+    return torch.flip(robust_cholesky(torch.flip(H, (-2, -1))), (-2, -1)).contiguous()
 
 
 def upper_t_mul(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def obs_values(W: torch.Tensor, T: torch.Tensor, U: torch.Tensor) -> torch.Tenso
 
 
 class ColumnRule:
-    """How a sweep or a coordinate pass fixes column ``j`` from the value it would take.
+    """How a sweep or a coordinate pass fixes a column from the value it would take.
 
     Args:
         mask: ``(G, D, R)`` boolean, True where a weight may be non-zero, or None.
@@ -92,17 +93,15 @@ class ColumnRule:
         grid_cols: columns ``j < grid_cols`` are rounded; the later ones (a fitted bias) are free.
         budget: a :class:`WindowBudget` that chooses ``mask`` during a sweep, or None.
 
-    The per-column work is a handful of in-place torch operations on views prepared once
-    per pass: on small layers the column loops cost what the interpreter costs.
+    Fixing column ``j`` of value ``w``: ``q = clamp(round(w/s·L), −L, L)·s/L`` on the grid
+    columns, then ``q·m_j``.
     """
 
     def __init__(self, mask: torch.Tensor | None = None, scale: torch.Tensor | None = None, bits: int = 0,
                  grid_cols: int = 0, budget: "WindowBudget | None" = None):
         self.maskf = None if mask is None else mask.to(torch.get_default_dtype())
         self.budget = budget
-        self.window = budget.window if budget is not None else 0
         self.grid_cols = grid_cols
-        self._cols = None
         self.set_scale(scale, bits)
 
     @property
@@ -111,30 +110,23 @@ class ColumnRule:
 
     def set_scale(self, scale: torch.Tensor | None, bits: int = 0) -> None:
         self.scale = scale
+        self.inv = self.step = None
+        self.levels = 0.0
         if scale is not None:
             self.bits = bits
             self.levels = float(2 ** (bits - 1) - 1)
-            self._step = (scale / self.levels)[:, 0]  # (G, R)
-            self._inv = (self.levels / scale)[:, 0]
+            self.step = (scale / self.levels)[:, 0].contiguous()  # (G, R)
+            self.inv = (self.levels / scale)[:, 0].contiguous()
 
     def prepare(self, like: torch.Tensor) -> None:
-        """Views of the mask's columns for the coming pass (in ``like``'s dtype)."""
+        """The mask in ``like``'s dtype for the coming pass."""
         if self.maskf is not None and self.maskf.dtype != like.dtype:
-            self.maskf = self.maskf.to(like.dtype)
-        self._cols = None if self.maskf is None else self.maskf.unbind(1)
+            self.maskf = self.maskf.to(like.dtype).contiguous()
 
-    def choose(self, j0: int, W: torch.Tensor, T: torch.Tensor, U: torch.Tensor) -> None:
-        """Let the budget choose the mask of the window starting at column ``j0``."""
-        self.budget.choose(self.maskf, j0, W, T, U)
-
-    def fix_(self, j: int, w: torch.Tensor) -> torch.Tensor:
-        """Fix column ``j`` in place: ``w`` ``(G, R)`` becomes its rounded and/or masked value."""
-        if self.scale is not None and j < self.grid_cols:
-            L = self.levels
-            w.mul_(self._inv).round_().clamp_(-L, L).mul_(self._step)
-        if self._cols is not None:
-            w.mul_(self._cols[j])
-        return w
+    def block(self, s0: int, s1: int) -> tuple:
+        """The per-block arguments of the block operators: ``(mask, inv, step, levels, grid)``."""
+        return (None if self.maskf is None else self.maskf[:, s0:s1], self.inv, self.step, self.levels,
+                max(0, min(s1, self.grid_cols) - s0) if self.scale is not None else 0)
 
 
 class WindowBudget:
@@ -143,118 +135,159 @@ class WindowBudget:
 
     ``keep`` is ``(G, windows)``: weights to keep per group and window (a layer budget
     shared out over the windows), or ``nm = (n, m)``: keep ``n`` of every ``m`` columns of
-    each row (``window = m``). A weight's score is ``v²·Ũ_jj²``, the loss its removal adds
-    (its optimal-brain-surgeon saliency). Columns from ``cols`` on (a fitted bias) are
-    never pruned. ``topk(scores, k)`` is the top-k mask operator (the dispatcher's
-    ``topk_mask``).
+    each row (``window = m``; the block operator chooses, group by group). A weight's score
+    is ``v²·Ũ_jj²``, the loss its removal adds (its optimal-brain-surgeon saliency). Columns
+    from ``cols`` on (a fitted bias) are never pruned. ``topk(scores, k)`` is the top-k mask
+    operator (the dispatcher's ``topk_mask``).
     """
 
     def __init__(self, U: torch.Tensor, window: int, topk: Callable, keep: torch.Tensor | None = None,
                  nm: tuple[int, int] | None = None, cols: int | None = None):
         self.window, self.topk, self.keep, self.nm = window, topk, keep, nm
-        self.pivots = torch.diagonal(U, dim1=-2, dim2=-1).pow(2)[..., None]  # (G, D, 1)
+        self.pivots = torch.diagonal(U, dim1=-2, dim2=-1).pow(2).contiguous()  # (G, D)
         self.cols = U.shape[-1] if cols is None else cols
 
     def choose(self, maskf: torch.Tensor, j0: int, W: torch.Tensor, T: torch.Tensor, U: torch.Tensor) -> None:
         n = min(W.shape[1], self.cols - j0)
         if n <= 0:
             return
-        score = obs_values(W, T, U)[:, :n].pow_(2).mul_(self.pivots[:, j0:j0 + n])
-        if self.nm is not None:
-            idx = torch.topk(score, self.nm[0], dim=1).indices
-            maskf[:, j0:j0 + n] = torch.zeros_like(score).scatter_(1, idx, 1.0)
-            return
+        score = obs_values(W, T, U)[:, :n].pow_(2).mul_(self.pivots[:, j0:j0 + n, None])
         for g in range(score.shape[0]):
             maskf[g, j0:j0 + n] = self.topk(score[g], int(self.keep[g, j0 // self.window]))
 
 
-def sweep(T: torch.Tensor, U: torch.Tensor, rule: ColumnRule, block: int = BLOCK,
-          residual: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+# ------------------------------------------------------------- the block operators
+def sweep_block(W: torch.Tensor, T: torch.Tensor, V: torch.Tensor, D: torch.Tensor, Y: torch.Tensor | None,
+                mask: torch.Tensor | None, inv: torch.Tensor | None, step: torch.Tensor | None, levels: float,
+                grid: int, nm: tuple | None = None) -> None:
+    """Fix the ``n`` columns of one block of a sweep, in place (the ``sweep_block`` op).
+
+    ``W``, ``T``, ``D``, ``Y``, ``mask`` are ``(G, n, R)`` rows of the transposed weight, its
+    target, ``Δ = T − Q``, the residual before scaling (``w − q``, or None) and the mask;
+    ``V`` ``(G, n, n)`` holds ``Ũ_ij/Ũ_jj``; ``inv``, ``step`` ``(G, R)`` are ``L/s`` and ``s/L``
+    (None: no grid), applied to the first ``grid`` columns. ``nm = (m, n_keep, U, pivots,
+    cols)``: at each ``m``-th column before ``cols`` the mask of the next ``m`` columns keeps
+    the ``n_keep`` largest ``v²·pivot`` of each row, ``v`` from :func:`obs_values` with ``U``
+    ``(G, n, n)``. Column ``i`` becomes ``q_i``, then the later columns of the block take
+    ``Δ_i·V_i,·``.
+    """
+    n = W.shape[1]
+    cols_W, cols_T, cols_D = W.unbind(1), T.unbind(1), D.unbind(1)
+    cols_Y = Y.unbind(1) if Y is not None else None
+    cols_m = mask.unbind(1) if mask is not None else None
+    Dk = D.split(1, dim=1)
+    for i in range(n):
+        if nm is not None and i % nm[0] == 0 and i < nm[4]:
+            m, keep, U, piv, _ = nm
+            score = obs_values(W[:, i:i + m], T[:, i:i + m], U[:, i:i + m, i:i + m]).pow_(2)
+            score.mul_(piv[:, i:i + m, None])
+            idx = torch.topk(score, keep, dim=1).indices
+            mask[:, i:i + m] = torch.zeros_like(score).scatter_(1, idx, 1.0)
+        w = cols_W[i]
+        if Y is not None:
+            cols_Y[i].copy_(w)
+        if inv is not None and i < grid:
+            w.mul_(inv).round_().clamp_(-levels, levels).mul_(step)
+        if mask is not None:
+            w.mul_(cols_m[i])
+        torch.sub(cols_T[i], w, out=cols_D[i])
+        if Y is not None:
+            cols_Y[i].sub_(w)
+        if i + 1 < n:
+            W[:, i + 1:].baddbmm_(V[:, i, i + 1:, None], Dk[i])
+
+
+def coordinate_block(W: torch.Tensor, g: torch.Tensor, H: torch.Tensor, neg_inv: torch.Tensor, D: torch.Tensor,
+                     mask: torch.Tensor | None, inv: torch.Tensor | None, step: torch.Tensor | None, levels: float,
+                     grid: int) -> None:
+    """One block of a coordinate pass, in place (the ``coordinate_block`` op).
+
+    ``W``, ``g``, ``D``, ``mask`` are ``(G, n, R)``: the block's rows of the transposed
+    weight, of the gradient ``H·(W − T)ᵀ``, of the change made, and of the mask; ``H`` the
+    block's ``(G, n, n)`` diagonal block; ``neg_inv`` ``(G, n)`` is ``−1/H_jj``. Column ``i``
+    moves to ``fix(w + g·neg_inv)`` (grid as in :func:`sweep_block`, then the mask) and the
+    gradient of the block's later columns follows the change.
+    """
+    n = W.shape[1]
+    cols_W, cols_g, cols_D = W.unbind(1), g.unbind(1), D.unbind(1)
+    cols_m = mask.unbind(1) if mask is not None else None
+    cols_n = neg_inv[..., None].unbind(1)
+    Hk, Dk = H.split(1, dim=2), D.split(1, dim=1)
+    for i in range(n):
+        w, d = cols_W[i], cols_D[i]
+        d.copy_(w)
+        w.addcmul_(cols_g[i], cols_n[i])
+        if inv is not None and i < grid:
+            w.mul_(inv).round_().clamp_(-levels, levels).mul_(step)
+        if mask is not None:
+            w.mul_(cols_m[i])
+        d.sub_(w).neg_()
+        if i + 1 < n:
+            g[:, i + 1:].baddbmm_(Hk[i][:, i + 1:], Dk[i])
+
+
+def sweep(T: torch.Tensor, U: torch.Tensor, rule: ColumnRule, block: int = BLOCK, residual: bool = False,
+          block_op: Callable = sweep_block) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fix every column of the target ``T`` ``(G, D, R)`` in order; ``U`` is ``Ũ`` ``(G, D, D)``.
 
     Returns the fixed weight ``(G, D, R)`` (and, with ``residual``, the whitened residual
-    ``Y`` transposed, ``Ũᵀ·(Q − T)ᵀ``, for :func:`coordinate_pass`). With a budget on ``rule``
-    the mask is chosen at the start of each of its windows (a window never straddles
-    blocks: ``block`` is a multiple of the window, or the window a multiple of ``block``).
+    ``Y`` transposed, ``Ũᵀ·(Q − T)ᵀ``, for :func:`coordinate_pass`). A budget on ``rule``
+    chooses the mask at the start of each of its windows: windows of ``block`` columns or
+    more (a multiple of it) here, N:M groups (``block`` a multiple of ``m``) inside the block
+    operator. ``block_op`` is the ``sweep_block`` operator (the dispatcher's, or this
+    module's torch one).
     """
     G, D, R = T.shape
     d = torch.diagonal(U, dim1=-2, dim2=-1)
-    V = U / d[:, None, :]  # V_ij = Ũ_ij / Ũ_jj
+    V = (U / d[:, None, :]).contiguous()  # V_ij = Ũ_ij / Ũ_jj
     W = T.clone()
     Dl = torch.empty_like(T)  # Δ = T − Q, column by column
     Y = torch.empty_like(T) if residual else None
     rule.prepare(T)
-    window = rule.window
-    cols_W, cols_T, cols_D = W.unbind(1), T.unbind(1), Dl.unbind(1)
-    cols_Y = Y.unbind(1) if residual else None
+    budget = rule.budget
     for s0 in range(0, D, block):
         s1 = min(D, s0 + block)
-        Ws, Ds, Vs = W[:, s0:s1], Dl[:, s0:s1], V[:, s0:s1, s0:s1]
-        Dk = Ds.split(1, dim=1)
-        for i in range(s1 - s0):
-            j = s0 + i
-            if window and j % window == 0:
-                j1 = min(D, j + window)
-                rule.choose(j, W[:, j:j1], T[:, j:j1], U[:, j:j1, j:j1])
-            w = cols_W[j]
-            if residual:
-                cols_Y[j].copy_(w)
-            rule.fix_(j, w)
-            torch.sub(cols_T[j], w, out=cols_D[j])
-            if residual:
-                cols_Y[j].sub_(w)
-            if j + 1 < s1:
-                Ws[:, i + 1:].baddbmm_(Vs[:, i, i + 1:, None], Dk[i])
+        nm = None
+        if budget is not None and budget.nm is not None:
+            nm = (budget.window, budget.nm[0], U[:, s0:s1, s0:s1], budget.pivots[:, s0:s1], budget.cols - s0)
+        elif budget is not None and s0 % budget.window == 0:
+            j1 = min(D, s0 + budget.window)
+            budget.choose(rule.maskf, s0, W[:, s0:j1], T[:, s0:j1], U[:, s0:j1, s0:j1])
+        block_op(W[:, s0:s1], T[:, s0:s1], V[:, s0:s1, s0:s1], Dl[:, s0:s1], None if Y is None else Y[:, s0:s1],
+                 *rule.block(s0, s1), nm)
         if s1 < D:
-            W[:, s1:].baddbmm_(V[:, s0:s1, s1:].transpose(1, 2), Ds)
+            W[:, s1:].baddbmm_(V[:, s0:s1, s1:].transpose(1, 2), Dl[:, s0:s1])
     if not residual:
         return W
     return W, Y.mul_(-d[..., None])
 
 
 def coordinate_pass(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.Tensor, rule: ColumnRule,
-                    block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                    block: int = BLOCK, block_op: Callable = coordinate_block) -> tuple[torch.Tensor, torch.Tensor]:
     """One cyclic pass of exact minimisation over each column in turn, in place.
 
     ``W`` is the weight ``(G, D, R)``, ``Y`` the whitened residual ``Ũᵀ·(W − T)ᵀ`` ``(G, D, R)``,
     ``U`` the factor and ``H = U·Uᵀ`` (only its diagonal blocks are read). Each column moves
     to ``fix(w − g/H_jj)``, ``g = H·(W − T)ᵀ``: for a mask the exact optimum of the column,
     for a grid the grid point nearest to it (the best of a one-dimensional quadratic). The
-    loss never rises. Returns ``(W, Y)``.
+    loss never rises. ``block_op`` is the ``coordinate_block`` operator. Returns ``(W, Y)``.
     """
     G, D, R = W.shape
     rule.prepare(W)
-    neg_inv = (-1.0 / torch.diagonal(H, dim1=-2, dim2=-1))[..., None]  # (G, D, 1)
-    prune_only = rule.scale is None and rule.maskf is not None
-    if prune_only:  # δ = (m − 1)·w − (m/H_jj)·g: the masked optimum minus the value
-        a, b = (rule.maskf - 1).unbind(1), (rule.maskf * neg_inv).unbind(1)
-    cols_W, cols_n = W.unbind(1), neg_inv.unbind(1)
+    neg_inv = (-1.0 / torch.diagonal(H, dim1=-2, dim2=-1)).contiguous()  # (G, D)
     Ds = torch.empty(G, block, R, dtype=W.dtype, device=W.device)
     for s0 in range(0, D, block):
         s1 = min(D, s0 + block)
-        n = s1 - s0
-        Dn = Ds[:, :n]
+        Dn = Ds[:, :s1 - s0]
         gs = torch.bmm(U[:, s0:s1, s0:], Y[:, s0:])  # the block's gradient: rows of Ũ times Y
-        cols_g = gs.unbind(1)
-        Hk, Dk, Dc = H[:, s0:s1, s0:s1].split(1, dim=2), Dn.split(1, dim=1), Dn.unbind(1)
-        for i in range(n):
-            j = s0 + i
-            w, d = cols_W[j], Dc[i]
-            if prune_only:
-                torch.mul(w, a[j], out=d).addcmul_(cols_g[i], b[j])
-                w.add_(d)
-            else:
-                d.copy_(w)
-                rule.fix_(j, w.addcmul_(cols_g[i], cols_n[j]))
-                d.sub_(w).neg_()
-            if i + 1 < n:
-                gs.baddbmm_(Hk[i], Dk[i])  # the block's gradient follows this column's change
+        block_op(W[:, s0:s1], gs, H[:, s0:s1, s0:s1], neg_inv[:, s0:s1], Dn, *rule.block(s0, s1))
         Y[:, s0:].baddbmm_(U[:, s0:s1, s0:].transpose(1, 2), Dn)
     return W, Y
 
 
 def exchange_rounds(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.Tensor, rule: ColumnRule,
-                    cols: int, rounds: int, share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                    cols: int, rounds: int, share: float = 0.1,
+                    block_op: Callable = coordinate_block) -> tuple[torch.Tensor, torch.Tensor]:
     """Improve a budget mask by exchanges that keep its size, each round kept only if it lowers the loss.
 
     At an optimum on the mask the kept weight ``w_j`` costs about ``w_j²·H_jj`` to remove and
@@ -287,7 +320,7 @@ def exchange_rounds(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.
         maskf[:, :cols], Wn[:, :cols] = m.view_as(w), wv.view_as(w)
         trial = ColumnRule(maskf > 0)
         Yn = Y + upper_t_mul(U, Wn - W)
-        Wn, Yn = coordinate_pass(Wn, Yn, U, H, trial)
+        Wn, Yn = coordinate_pass(Wn, Yn, U, H, trial, block_op=block_op)
         value = float((Yn * Yn).sum())
         if not value < best:
             break
