@@ -90,16 +90,17 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, column_fn, block: int = BLOCK) -> t
     R, D = W.shape
     for b0 in range(0, D, block):
         b1 = min(D, b0 + block)
-        Wb = W[:, b0:b1]  # a view: the in-block updates land in W
+        Wb = W[:, b0:b1].clone()  # the block, contiguous; written back after
         E = torch.empty(R, b1 - b0, dtype=W.dtype, device=W.device)
         for i in range(b1 - b0):
             j = b0 + i
-            w = Wb[:, i]
+            w = Wb[:, i].clone()
             q = column_fn(j, w, Wb, i)
             e = (w - q) / U[j, j]
             Wb[:, i] = q
             Wb[:, i + 1:] -= e[:, None] * U[j, j + 1:b1][None, :]
             E[:, i] = e
+        W[:, b0:b1] = Wb
         if b1 < D:
             W[:, b1:] -= E @ U[b0:b1, b1:]
     return W

@@ -232,6 +232,125 @@ def _device_section(rows: list[dict], dev: str, results_dir: Path, md_dir: Path)
     return L
 
 
+TASK_TITLES = {"W2": "W2 (per-channel grid)", "W4": "W4 (per-channel grid)", "50%": "50 % unstructured",
+               "2:4": "2:4", "channel": "half the input channels"}
+PEER_NAMES = {"gptq": "GPTQ", "gptq_act": "GPTQ act-order", "gptq_clip": "GPTQ + clipping search",
+              "gptq_clip_act": "GPTQ + clipping search + act-order", "sparsegpt": "SparseGPT",
+              "gptq_pass": "one GPTQ pass (W4)", "cdfast": "cdfast exact", "cdfast_adam": "cdfast Adam (3000 steps)"}
+
+
+def _posttraining_section(path: Path) -> list[str]:
+    """The exact solver against GPTQ and SparseGPT (``bench/results/posttraining.csv``)."""
+    if not Path(path).exists():
+        return []
+    rows = [r for r in _load(path) if r["status"] == "ok"]
+    if not rows:
+        return []
+    first = rows[0]
+    runs = sorted({r["run_id"] for r in rows})
+    loads = [_f(r, "loadavg_1m") for r in rows if not math.isnan(_f(r, "loadavg_1m"))]
+    L = ["## The exact solver against GPTQ and SparseGPT", "",
+         f"`python -m bench.posttraining` ({first['cpu_model']}, torch {first['torch_version']}, "
+         f"{first['torch_threads']} torch thread(s), git {first['git']}, runs {', '.join(runs)}, "
+         + (f"1-min load average {min(loads):.1f}–{max(loads):.1f}" if loads else "") + "). "
+         "Bias-free layers, teacher weights with Laplace entries; inputs from a fixed random feature model "
+         "(a decaying spectrum, outlier channels; post-ReLU maps for the convolutions), the held-out rows drawn "
+         "the same way as the calibration rows, and the student's inputs equal to the teacher's, so that every "
+         "loss of cdfast's family is the reconstruction GPTQ and SparseGPT minimise. Error: relative, "
+         "‖(W − W₀)X‖²/‖W₀X‖², float64. Time: wall clock including the statistics (the peers build H = XXᵀ "
+         "from the same inputs), median of the repeats, taken round-robin over the implementations of a "
+         "case. GPTQ and SparseGPT are written from the papers in `bench/peers.py`. The ratios divide cdfast "
+         "by the peer measured in the same run: for quantization GPTQ with its clipping search (the faster "
+         "of its act-order and plain variants for time, the more accurate for error).", ""]
+    by = {}
+    for r in rows:
+        by.setdefault((r["case"], r["task"]), {})[r["impl"]] = r
+    order = []
+    for r in rows:
+        if r["case"] not in order:
+            order.append(r["case"])
+    head = ["layer", "rows × cols", "task", "peer", "peer time", "cdfast time", "time ratio",
+            "peer held-out", "cdfast held-out", "error ratio", "peer calib", "cdfast calib"]
+    body = []
+    for task in ("W2", "W4", "50%", "2:4"):
+        for case in order:
+            impls = by.get((case, task))
+            if not impls or "cdfast" not in impls:
+                continue
+            c = impls["cdfast"]
+            peer_t = c["peer"].split(" (time)")[0]
+            peer_e = c["peer"].split(", ")[-1].split(" (error)")[0]
+            body.append([case, f"{c['rows']} × {c['cols']}", TASK_TITLES[task], PEER_NAMES.get(peer_e, peer_e),
+                         _t(_f(impls[peer_t], "median_s")), _t(_f(c, "median_s")),
+                         _speedup(_f(c, "ratio_time_vs_peer")),
+                         _g(_f(impls[peer_e], "heldout_err")), _g(_f(c, "heldout_err")),
+                         _g(_f(c, "ratio_heldout_vs_peer"), 3),
+                         _g(_f(impls[peer_e], "calib_err")), _g(_f(c, "calib_err"))])
+    if body:
+        L += ["### Time and held-out error against the peer", "", _table(head, body), ""]
+        worst_t = max(_f(by[(b[0], t)]["cdfast"], "ratio_time_vs_peer")
+                      for b in body for t in TASK_TITLES if TASK_TITLES[t] == b[2])
+        worst_e = max(_f(by[(b[0], t)]["cdfast"], "ratio_heldout_vs_peer")
+                      for b in body for t in TASK_TITLES if TASK_TITLES[t] == b[2])
+        L += [f"**Largest time ratio {worst_t:.3g}, largest held-out error ratio {worst_e:.3g}** "
+              "over the rows above (≤ 1 means cdfast is at least as fast and at least as accurate).", ""]
+    q = []
+    for case in order:
+        for task in ("W2", "W4"):
+            impls = by.get((case, task), {})
+            for impl in ("gptq", "gptq_act", "gptq_clip", "gptq_clip_act", "cdfast"):
+                r = impls.get(impl)
+                if r:
+                    q.append([case, task, PEER_NAMES[impl], _t(_f(r, "median_s")), _g(_f(r, "calib_err")),
+                              _g(_f(r, "heldout_err"))])
+    if q:
+        L += ["### Every GPTQ variant", "", _table(["layer", "task", "implementation", "time", "calib error",
+                                                    "held-out error"], q), ""]
+    ch = []
+    for case in order:
+        impls = by.get((case, "channel"), {})
+        if "cdfast" in impls and "gptq_pass" in impls:
+            c = impls["cdfast"]
+            ch.append([case, f"{c['rows']} × {c['cols']}", _t(_f(impls["gptq_pass"], "median_s")),
+                       _t(_f(c, "median_s")), f"{_f(c, 'ratio_time_vs_peer'):.3g}×", _g(_f(c, "heldout_err"))])
+    if ch:
+        L += ["### Channel pruning at scale: the greedy selection against one GPTQ pass", "",
+              "`ChannelPrune(0.5)`, `solver=\"exact\"` (the greedy group selection in rounds of joint removals, "
+              "then one solve on the kept channels), statistics included in both.", "",
+              _table(["layer", "rows × cols", "one GPTQ pass", "cdfast channel pruning", "factor",
+                      "cdfast held-out error"], ch), ""]
+    ad = []
+    for (case, task), impls in by.items():
+        if "cdfast_adam" in impls and "cdfast" in impls:
+            a, c = impls["cdfast_adam"], impls["cdfast"]
+            ad.append([case, TASK_TITLES[task], _t(_f(a, "median_s")), _t(_f(c, "median_s")),
+                       _g(_f(a, "heldout_err")), _g(_f(c, "heldout_err")), _g(_f(a, "calib_err")),
+                       _g(_f(c, "calib_err"))])
+    if ad:
+        L += ["### The exact solver against cdfast's Adam (for `solver=\"auto\"`)", "",
+              _table(["layer", "task", "Adam time", "exact time", "Adam held-out", "exact held-out",
+                      "Adam calib", "exact calib"], ad), ""]
+    return L
+
+
+def _memory_section(path: Path) -> list[str]:
+    """Peak memory of wide layers (``bench/results/memory.csv``, ``python -m bench.memory``)."""
+    if not Path(path).exists():
+        return []
+    rows = _load(path)
+    L = ["## Wide layers: memory", "",
+         "`python -m bench.memory`: one `distill_layer` call per row in a fresh process; peak resident set "
+         "(`ru_maxrss`) of the whole process, and its growth over the process before the call (inputs and "
+         "layer already allocated). The Gram column is what the three D × D float32 statistics alone would "
+         "take.", "",
+         _table(["layer", "samples", "compression", "solver", "form", "status", "time", "peak RSS (MiB)",
+                 "growth (MiB)", "three Grams would take (MiB)"],
+                [[r["layer"], r["samples"], r["compression"], r["solver"], r["form"], r["status"],
+                  _t(_f(r, "seconds")), _mib(_f(r, "peak_rss_bytes")), _mib(_f(r, "growth_bytes")),
+                  _mib(_f(r, "gram_bytes"))] for r in rows]), ""]
+    return L
+
+
 def render(csv_path: Path = DEFAULT_CSV, out: Path = DEFAULT_OUT) -> str:
     rows = _load(csv_path)
     results_dir = Path(csv_path).resolve().parent
@@ -260,6 +379,8 @@ def render(csv_path: Path = DEFAULT_CSV, out: Path = DEFAULT_OUT) -> str:
                   "under the same setting, so the ratios compare like with like.", ""]
     for dev in devices:
         L += _device_section([r for r in rows if r["device"] == dev], dev, results_dir, md_dir)
+    L += _posttraining_section(results_dir / "posttraining.csv")
+    L += _memory_section(results_dir / "memory.csv")
     L += ["## How the figures are made", "",
           "* **Time**: wall clock of one call, median over the timed repeats after a first "
           "(warm-up) call; when one call exceeds the repeat budget the first call is the "
@@ -290,6 +411,8 @@ def render(csv_path: Path = DEFAULT_CSV, out: Path = DEFAULT_OUT) -> str:
           "```bash",
           f"python -m bench.run --device cpu{threads_flag} --out bench/results   # full CPU run (about 20 min here)",
           "python -m bench.run --device cuda --out bench/results    # GPU rows, same CSV",
+          "python -m bench.posttraining --threads 1                 # exact solver vs GPTQ/SparseGPT (about 40 min)",
+          "python -m bench.memory                                   # wide layers: peak memory",
           "python -m bench.report                                   # this page",
           "python -m bench.run --quick                              # CI smoke run (bench/results/quick)",
           "python -m pytest bench --benchmark-enable                # pytest-benchmark view",
