@@ -118,6 +118,8 @@ class Quantize:
             raise TypeError(f"bits: expected an int in 2..8, got {type(self.bits).__name__}")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits: expected an int in 2..8, got {self.bits}")
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"per_channel: expected True or False, got {self.per_channel!r}")
 
     @property
     def levels(self) -> int:

@@ -1,7 +1,9 @@
 """``distill_layer``: compress one layer by cross distillation."""
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -9,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from .._validation import check_pair, check_positive_float, check_positive_int
+from .._validation import (check_bool, check_dtype, check_finite_module, check_nonneg_float, check_pair,
+                           check_positive_float, check_positive_int, check_unit_interval)
 from .geometry import LayerGeometry
 from .data_form import data_loss
 from .losses import ActivationSpec, LossSpec, Quadratic
@@ -46,8 +49,10 @@ class DistillResult:
             ``correction``/``imitation``/``cross``, whose terms compare like inputs).
         history: ``(step, loss)`` pairs during the solve.
         wall_time: seconds spent in ``distill_layer`` (statistics included).
-        solver, form, backend: what ran (``adam``/``sgd``/``exact``; ``gram``/``data``;
+        solver, form, backend: what ran (``adam``/``sgd``/``exact``/``none``; ``gram``/``data``;
             ``torch``/``triton``/``cuda``/``cpp``).
+        note: what the library did beyond the solve, if anything (e.g. that the naive
+            compression was returned because the solve ended above it).
     """
 
     weight: torch.Tensor
@@ -66,6 +71,7 @@ class DistillResult:
     form: str
     backend: str
     steps: int
+    note: str = ""
 
     @property
     def sparsity(self) -> float:
@@ -194,9 +200,13 @@ def distill_layer(teacher_layer: nn.Module,
         raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
     check_positive_int("steps", steps)
     check_positive_float("lr", lr)
-    for name, flag in (("fit_bias", fit_bias), ("strict", strict)):
-        if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    check_unit_interval("momentum", momentum)
+    check_positive_int("log_every", log_every, minimum=0)
+    check_nonneg_float("damping", damping)
+    check_dtype("stats_dtype", stats_dtype)
+    check_bool("fit_bias", fit_bias)
+    check_bool("strict", strict, allow_none=True)
+    check_finite_module("teacher_layer", teacher_layer)
     if form == "auto":
         form = "gram" if objective == "linear" else "data"
     if solver == "auto":
@@ -228,8 +238,11 @@ def distill_layer(teacher_layer: nn.Module,
                 raise ValueError(f"h_teacher: expected the teacher layer's device {A_weight.device}, "
                                  f"got {h_t.device}")
             check_pair(geometry, h_t, h_s)
+        pairs = [(h_t.detach(), h_s.detach()) for h_t, h_s in pairs]
     device = A_weight.device
     work_dtype = torch.float64 if stats_dtype == torch.float64 else torch.float32
+    if lr > torch.finfo(work_dtype).max:
+        raise ValueError(f"lr: expected at most {torch.finfo(work_dtype).max:.3g} for {work_dtype} weights, got {lr:g}")
     anchor = geometry.weight_matrix(A_weight.to(work_dtype),
                                     A_bias.to(work_dtype) if (fit_bias and A_bias is not None) else None)
     if fit_bias and A_bias is None:
@@ -240,6 +253,11 @@ def distill_layer(teacher_layer: nn.Module,
         if statistics is None:
             stats = LayerStatistics(geometry, dtype=stats_dtype, fit_bias=fit_bias, backend=backend)
             stats.update_many(pairs)
+        if stats.dtype == torch.float64 and work_dtype != torch.float64:  # promoted for extreme inputs
+            work_dtype = torch.float64
+            anchor = anchor.double()
+            plan = ConstraintPlan(compression, geometry, steps, anchor.shape[-1], device, work_dtype, backend,
+                                  strict)
         quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping)
         loss_teacher = float(quad.loss(anchor))
         if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
@@ -252,9 +270,12 @@ def distill_layer(teacher_layer: nn.Module,
         W_final, codes, scale = _finalize(W, plan, quad)
         loss_after = float(quad.loss(W_final))
         loss_before = float(quad.loss(_naive(anchor, plan)))
+        W_final, codes, scale, loss_after, note = _never_worse_than_naive(
+            W_final, codes, scale, loss_after, loss_before, anchor, plan, solver)
     else:
         used: list[str] = []  # backends that ran the data_loss_grad op
         data = [(h_t.to(work_dtype), h_s.to(work_dtype)) for h_t, h_s in pairs]
+        _check_data_form_range(data, work_dtype)
         bias_const = None if fit_bias else (A_bias.to(work_dtype) if A_bias is not None else None)
         targets = [dispatch.call("data_targets", device, backend, strict, anchor, h_t, h_s, geometry, spec,
                                  bias_const)[1] for h_t, h_s in data]
@@ -271,8 +292,13 @@ def distill_layer(teacher_layer: nn.Module,
         W_final, codes, scale = _finalize(W, plan, None)
         loss_after = mean_loss(W_final)
         loss_before = mean_loss(_naive(anchor, plan))
+        W_final, codes, scale, loss_after, note = _never_worse_than_naive(
+            W_final, codes, scale, loss_after, loss_before, anchor, plan, solver)
         backend_used = used[0] if used else "torch"
 
+    if not (bool(torch.isfinite(W_final).all()) and math.isfinite(loss_after) and math.isfinite(loss_before)):
+        raise FloatingPointError(f"distill_layer: the {solver} solve produced a non-finite result "
+                                 f"(loss {loss_before} -> {loss_after}); please report this with the layer's shapes")
     weight, bias = geometry.weight_tensor(W_final)
     if bias is None:
         bias = A_bias.clone() if A_bias is not None else None
@@ -300,7 +326,32 @@ def distill_layer(teacher_layer: nn.Module,
         form=form,
         backend=backend_used,
         steps=steps if solver in ITERATIVE else 0,
+        note=note,
     )
+
+
+def _check_data_form_range(data, dtype: torch.dtype) -> None:
+    """The data form squares raw layer outputs: refuse inputs whose squares leave ``dtype``'s range."""
+    if dtype != torch.float32:
+        return
+    m = max(float(torch.maximum(h_t.abs().max(), h_s.abs().max())) for h_t, h_s in data)
+    if m > 2.0 ** 30 or 0 < m < 2.0 ** -30:
+        raise ValueError(f"h_teacher: inputs of magnitude {m:.3g} overflow or underflow the data form's "
+                         "float32 losses; use form='gram' (which rescales them) or stats_dtype=torch.float64")
+
+
+def _never_worse_than_naive(W, codes, scale, loss_after, loss_before, anchor, plan, solver):
+    """An iterative solve can end above naive compression (too few steps, too large a step):
+    return the naive weights then, and say so. Penalties trade loss for structure, so their
+    loss may legitimately rise: they are left as solved."""
+    if plan.penalties or not loss_after > loss_before * (1 + 1e-9) + 1e-300:
+        return W, codes, scale, loss_after, ""
+    naive = _naive(anchor, plan)
+    naive_codes = plan.codes(anchor * plan.mask) * plan.mask[..., :plan.geometry.cols] if plan.quant else None
+    note = (f"the {solver} solve ended above naive compression (loss {loss_after:.6g} > {loss_before:.6g}); "
+            "the naive compression is returned")
+    warnings.warn(f"cdfast: {note}", RuntimeWarning, stacklevel=3)
+    return naive, naive_codes, plan.scale, loss_before, note
 
 
 def _naive(anchor: torch.Tensor, plan: ConstraintPlan) -> torch.Tensor:

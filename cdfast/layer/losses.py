@@ -303,9 +303,10 @@ class Quadratic:
         return torch.baddbmm(self.F, W - self.anchor, self.H)
 
     def loss(self, W: torch.Tensor) -> torch.Tensor:
+        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range)."""
         delta = W - self.anchor
         g = torch.baddbmm(self.F, delta, self.H)
-        return self.scale * ((delta * (g + self.F)).sum() + self.f0)
+        return self.scale * ((delta * (g + self.F)).sum() + self.f0).double()
 
     def grad(self, W: torch.Tensor) -> torch.Tensor:
         return (2.0 * self.scale) * self.residual_grad(W)

@@ -13,6 +13,10 @@ and gives SPEC's ``G_SS = X^S X^Sᵀ`` and ``G_ST = X^S X^Tᵀ`` as the exact li
 combinations ``G_SS = G_TT + G_ET + G_ETᵀ + G_EE`` and ``G_ST = G_TT + G_ET``.
 The error basis matters in float32: ``E`` is small when the student is close to
 the teacher, and Grams of ``E`` keep its digits where ``G_SS − G_TT`` would not.
+
+**Extreme magnitudes.** Inputs whose largest entry lies outside ``[2⁻³⁰, 2³⁰]`` would
+overflow (×1e18) or underflow (×1e-30) float32 Grams; such statistics are accumulated
+in float64 instead (``dtype`` becomes ``torch.float64``, and the solve follows).
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ __all__ = ["LayerStatistics", "ERROR_BASIS"]
 
 #: Mixing coefficients (a, b, c, d) of the statistics op: x1 = h^T, x2 = h^S − h^T.
 ERROR_BASIS = (1.0, 0.0, -1.0, 1.0)
+
+#: Inputs beyond these magnitudes are accumulated in float64 (their squares leave float32).
+_FLOAT32_RANGE = (2.0 ** -30, 2.0 ** 30)
 
 
 class LayerStatistics:
@@ -76,6 +83,11 @@ class LayerStatistics:
     def update(self, h_teacher: torch.Tensor, h_student: torch.Tensor) -> "LayerStatistics":
         """Add one batch: ``h_teacher`` and ``h_student`` are this layer's two inputs."""
         check_pair(self.geometry, h_teacher, h_student)
+        h_teacher, h_student = h_teacher.detach(), h_student.detach()
+        if self.dtype == torch.float32:
+            m = float(torch.maximum(h_teacher.abs().max(), h_student.abs().max()))
+            if m > _FLOAT32_RANGE[1] or 0 < m < _FLOAT32_RANGE[0]:
+                self._promote()
         if self._grams is None:
             self._grams = self._zeros(self.device or h_teacher.device)
         # call() falls back to torch where a kernel does not take these arguments (float64).
@@ -85,6 +97,12 @@ class LayerStatistics:
         self.rows += self.geometry.rows(h_teacher)
         self.samples += h_teacher.shape[0]
         return self
+
+    def _promote(self) -> None:
+        """Accumulate in float64 from now on (the Grams so far convert exactly)."""
+        self.dtype = torch.float64
+        if self._grams is not None:
+            self._grams = self._grams.double()
 
     def update_many(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "LayerStatistics":
         for h_t, h_s in batches:
@@ -103,6 +121,10 @@ class LayerStatistics:
         if self._grams is None:
             raise ValueError("all_reduce: no batch was added on this rank; every rank needs "
                              "at least one batch (or create the Grams with update first)")
+        wide = torch.tensor([float(self.dtype == torch.float64)], device=self._grams.device)
+        dist.all_reduce(wide, op=dist.ReduceOp.MAX, group=group)  # one rank promoted: all do
+        if float(wide) and self.dtype != torch.float64:
+            self._promote()
         dist.all_reduce(self._grams, group=group)
         counts = torch.tensor([self.rows, self.samples], dtype=torch.float64,
                               device=self._grams.device)
@@ -113,7 +135,7 @@ class LayerStatistics:
     # --------------------------------------------------------------- access
     def _require(self) -> torch.Tensor:
         if self._grams is None or self.rows == 0:
-            raise ValueError("statistics are empty: call update() with at least one non-empty batch")
+            raise ValueError("statistics: empty; call update() with at least one non-empty batch first")
         return self._grams
 
     @property
@@ -143,5 +165,7 @@ class LayerStatistics:
                 "fit_bias": self.fit_bias}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["grams"].dtype == torch.float64:
+            self.dtype = torch.float64
         self._grams = state["grams"].to(self.dtype)
         self.rows, self.samples, self.fit_bias = int(state["rows"]), int(state["samples"]), bool(state["fit_bias"])
