@@ -18,12 +18,15 @@ from .data_form import data_loss
 from .losses import ActivationSpec, LossSpec, Quadratic
 from .constraints import NMSparsity, WeightPrune, normalize
 from .plan import ConstraintPlan
+from .selection import (AUTO_CANDIDATES, CROSSING_BELOW_M_OVER_D, FoldedStatistics, LossChoice, choose_loss,
+                        describe, rule_of_thumb)
 from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve
 from .statistics import LayerStatistics
 
 __all__ = ["distill_layer", "DistillResult"]
 
 FORMS = ("auto", "gram", "data")
+AUTO_FOLDS = 5  # held-out folds of loss="auto"
 ITERATIVE = ("adam", "sgd")
 
 
@@ -53,6 +56,8 @@ class DistillResult:
             ``torch``/``triton``/``cuda``/``cpp``).
         note: what the library did beyond the solve, if anything (e.g. that the naive
             compression was returned because the solve ended above it).
+        loss: the loss that was minimised (``"nc"``, ``"cross(mu=0.9)"`` …).
+        loss_choice: with ``loss="auto"``, what was chosen and why (a :class:`LossChoice`).
     """
 
     weight: torch.Tensor
@@ -72,6 +77,8 @@ class DistillResult:
     backend: str
     steps: int
     note: str = ""
+    loss: str = ""
+    loss_choice: LossChoice | None = None
 
     @property
     def sparsity(self) -> float:
@@ -164,7 +171,11 @@ def distill_layer(teacher_layer: nn.Module,
             batches: streamed into the statistics (Gram form) or cycled through one
             per step (data form).
         statistics: a filled :class:`LayerStatistics` instead of inputs (Gram form).
-        loss: ``"nc"``, ``"correction"``, ``"imitation"``, ``"cross"`` or ``"soft"``.
+        loss: ``"nc"``, ``"correction"``, ``"imitation"``, ``"cross"``, ``"soft"``, or ``"auto"``:
+            the layer chooses among ``nc`` and ``cross`` (μ = 0.9, 0.7, 0.5) by the held-out
+            ``nc`` loss over 5 folds of its samples (exact solver), or by ``M/D`` (cross
+            where ``M/D < 2``) otherwise; ``result.loss_choice`` says what and why
+            (:mod:`cdfast.layer.selection`).
         mu: μ of ``cross``; alpha, beta: α, β of ``soft`` (all in [0, 1]).
         objective: ``"linear"`` (raw outputs, default) or ``"activation"`` (σ on both sides).
         activation: σ of the activation objective: a following BatchNorm (folded) or an
@@ -193,7 +204,8 @@ def distill_layer(teacher_layer: nn.Module,
     """
     start = time.perf_counter()
     geometry = LayerGeometry.of(teacher_layer)
-    spec = LossSpec(loss, mu, alpha, beta, objective, _activation(activation))
+    auto_loss = isinstance(loss, str) and loss == "auto"
+    spec = LossSpec("nc" if auto_loss else loss, mu, alpha, beta, objective, _activation(activation))
     if not isinstance(solver, str) or solver not in SOLVERS + ("auto",):
         raise ValueError(f"solver: expected 'auto' or one of {SOLVERS}, got {solver!r}")
     if not isinstance(form, str) or form not in FORMS:
@@ -224,13 +236,13 @@ def distill_layer(teacher_layer: nn.Module,
     if statistics is not None:
         if form != "gram":
             raise ValueError("statistics: precomputed statistics need form='gram'")
-        if not isinstance(statistics, LayerStatistics):
+        if not isinstance(statistics, (LayerStatistics, FoldedStatistics)):
             raise TypeError(f"statistics: expected LayerStatistics, got {type(statistics).__name__}")
         if statistics.geometry != geometry:
             raise ValueError("statistics: were accumulated for a layer of another shape")
         pairs = []
         stats = statistics
-        fit_bias = stats.fit_bias
+        fit_bias = (stats.parts[0] if isinstance(stats, FoldedStatistics) else stats).fit_bias
     else:
         pairs = _collect_batches(h_teacher, h_student, batches)
         for h_t, h_s in pairs:
@@ -249,10 +261,32 @@ def distill_layer(teacher_layer: nn.Module,
         anchor = torch.cat([anchor, torch.zeros_like(anchor[..., :1])], dim=-1)
     plan = ConstraintPlan(compression, geometry, steps, anchor.shape[-1], device, work_dtype, backend, strict)
 
+    choice = None
     if form == "gram":
         if statistics is None:
-            stats = LayerStatistics(geometry, dtype=stats_dtype, fit_bias=fit_bias, backend=backend)
+            samples = sum(h_t.shape[0] for h_t, _ in pairs)
+            if auto_loss and solver == "exact" and samples >= 2:
+                stats = FoldedStatistics(geometry, folds=min(AUTO_FOLDS, samples), dtype=stats_dtype,
+                                         fit_bias=fit_bias, backend=backend)
+            else:
+                stats = LayerStatistics(geometry, dtype=stats_dtype, fit_bias=fit_bias, backend=backend)
             stats.update_many(pairs)
+        if isinstance(stats, FoldedStatistics):
+            folded, stats = stats, stats.total()
+        else:
+            folded = None
+        if auto_loss:
+            if folded is not None and solver == "exact":
+                def solve_final(q: Quadratic) -> torch.Tensor:
+                    p = ConstraintPlan(compression, geometry, steps, anchor.shape[-1], device, work_dtype, backend,
+                                       strict)
+                    return _finalize(exact_solve(q, p, backend, strict)[0], p, q)[0]
+
+                best, choice = choose_loss(folded, anchor.to(stats.dtype), solve_final, work_dtype, damping)
+            else:
+                choice = rule_of_thumb(stats)
+                best = AUTO_CANDIDATES[0] if choice.chosen == "nc" else AUTO_CANDIDATES[1]
+            spec = LossSpec(best.name, best.mu, alpha, beta, objective, spec.activation)
         if stats.dtype == torch.float64 and work_dtype != torch.float64:  # promoted for extreme inputs
             work_dtype = torch.float64
             anchor = anchor.double()
@@ -273,6 +307,12 @@ def distill_layer(teacher_layer: nn.Module,
         W_final, codes, scale, loss_after, note = _never_worse_than_naive(
             W_final, codes, scale, loss_after, loss_before, anchor, plan, solver)
     else:
+        if auto_loss:
+            rows = sum(geometry.rows(h_t) for h_t, _ in pairs)
+            ratio = rows / anchor.shape[-1]
+            best = AUTO_CANDIDATES[1] if ratio < CROSSING_BELOW_M_OVER_D else AUTO_CANDIDATES[0]
+            choice = LossChoice(describe(best), f"M/D = {ratio:.3g} {'<' if ratio < 2 else '>='} 2")
+            spec = LossSpec(best.name, best.mu, alpha, beta, objective, spec.activation)
         used: list[str] = []  # backends that ran the data_loss_grad op
         data = [(h_t.to(work_dtype), h_s.to(work_dtype)) for h_t, h_s in pairs]
         _check_data_form_range(data, work_dtype)
@@ -327,6 +367,8 @@ def distill_layer(teacher_layer: nn.Module,
         backend=backend_used,
         steps=steps if solver in ITERATIVE else 0,
         note=note,
+        loss=describe(spec),
+        loss_choice=choice,
     )
 
 
