@@ -37,7 +37,7 @@ from .graph import ChannelGroup, ModelGraph, is_depthwise
 from .surgery import fold_batchnorm
 from .walk import calibration_batches, capture_input, execution_order
 
-__all__ = ["compress", "CompressionReport", "POLICIES", "plan_policy"]
+__all__ = ["compress", "CompressionReport", "POLICIES", "plan_policy", "fit_layer"]
 
 #: ``auto``: every Conv2d/Linear but the first compressed; ``resnet``: only the layers that
 #: read an untied channel group; ``skip_first``: every Conv2d but the first (Linear refit);
@@ -274,6 +274,51 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
     return torch.nonzero(~kept[unit]).flatten().tolist()
 
 
+# ------------------------------------------------------------------ one layer
+def fit_layer(name: str, teacher: nn.Module, student: nn.Module, graph: ModelGraph, batches, items: tuple,
+              kw: dict, data_form: bool, keep_zeros: bool = False):
+    """Fit student layer ``name`` to the teacher's by :func:`cdfast.distill_layer`; write it back.
+
+    The teacher layer keeps its full input width (restricted to the outputs the student
+    still has); the student's removed inputs are zero channels of ``h^S`` and a
+    :class:`FixedSupport` (with ``keep_zeros``, the student's zero weights as well).
+    Returns ``(result, inputs, rows M, columns D)``.
+    """
+    kw = dict(kw)
+    inputs = _Inputs(name, teacher, student, graph)
+    view = _teacher_view(inputs.layer_t, graph.kept_out[name])
+    if keep_zeros:
+        mask = torch.zeros(view.weight.shape, dtype=torch.bool, device=view.weight.device)
+        cols = slice(None)
+        if inputs.pruned and not inputs.depthwise:
+            grouped = isinstance(view, nn.Conv2d) and view.groups > 1
+            cols = inputs.kept[inputs.kept < view.weight.shape[1]] if grouped else inputs.kept
+        mask[:, cols] = inputs.layer_s.weight.detach() != 0
+        items = (FixedSupport(mask=mask),) + tuple(items)
+    elif inputs.pruned and not inputs.depthwise:
+        items = (FixedSupport(channels=inputs.kept.tolist()),) + tuple(items)
+    kw["compression"] = items
+    if kw.get("objective", "linear") == "activation" and kw.get("activation") is None:
+        bn = graph.following_norm(name)
+        if bn is not None:
+            spec = ActivationSpec.from_batchnorm(teacher.get_submodule(graph.names[bn]))
+            k_out = graph.kept_out[name].to(spec.scale.device)
+            kw["activation"] = ActivationSpec(spec.scale[k_out], spec.shift[k_out])
+    pairs = inputs.batches(teacher, student, batches)
+    if data_form:
+        res = distill_layer(view, batches=pairs, **kw)
+        geo = LayerGeometry.of(view)
+        rows, cols = sum(geo.rows(h_t) for h_t, _ in pairs), geo.cols
+    else:
+        stats = LayerStatistics(view, dtype=kw.pop("stats_dtype", torch.float32), fit_bias=kw.pop("fit_bias", False),
+                                backend=kw.get("backend", "auto")).update_many(pairs)
+        stats.all_reduce()
+        res = distill_layer(view, statistics=stats, **kw)
+        rows, cols = stats.rows, stats.geometry.cols + int(stats.fit_bias)
+    inputs.write(res.weight, res.bias)
+    return res, inputs, rows, cols
+
+
 # --------------------------------------------------------------- checkpoints
 def _save_checkpoint(path: str, student: nn.Module, done: list[str], report: CompressionReport,
                      pruned: list) -> None:
@@ -407,33 +452,10 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         kw = dict(layer_kwargs)
         kw.update(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr)
         kw.update({k: v for k, v in overrides.get(name, {}).items() if k not in ("action", "compression")})
-        inputs = _Inputs(name, teacher, student, graph)
-        view = _teacher_view(inputs.layer_t, graph.kept_out[name])
         items = tuple(c for c in constraints[name] if not isinstance(c, ChannelPrune))
-        if inputs.pruned and not inputs.depthwise:
-            items = (FixedSupport(channels=inputs.kept.tolist()),) + items
-        kw["compression"] = items
-        if kw.get("objective", "linear") == "activation" and kw.get("activation") is None:
-            bn = graph.following_norm(name)
-            if bn is not None:
-                spec = ActivationSpec.from_batchnorm(teacher.get_submodule(graph.names[bn]))
-                k_out = graph.kept_out[name].to(spec.scale.device)
-                kw["activation"] = ActivationSpec(spec.scale[k_out], spec.shift[k_out])
-        pairs = inputs.batches(teacher, student, batches)
-        if data_form:
-            res = distill_layer(view, batches=pairs, **kw)
-            geo = LayerGeometry.of(view)
-            rows, cols = sum(geo.rows(h_t) for h_t, _ in pairs), geo.cols
-        else:
-            stats_kw_l = dict(dtype=kw.pop("stats_dtype", torch.float32), fit_bias=kw.pop("fit_bias", False),
-                              backend=kw.get("backend", "auto"))
-            stats = LayerStatistics(view, **stats_kw_l).update_many(pairs)
-            stats.all_reduce()
-            res = distill_layer(view, statistics=stats, **kw)
-            rows, cols = stats.rows, stats.geometry.cols + int(stats.fit_bias)
-        inputs.write(res.weight, res.bias)
+        res, inputs, rows, cols = fit_layer(name, teacher, student, graph, batches, items, kw, data_form)
         kept_in = len(inputs.kept)
-        action = "compressed" if items else "refit"
+        action = "compressed" if items or inputs.pruned else "refit"
         lr_ = LayerReport(name, action, res.loss_before, res.loss_after, inputs.full, kept_in, res.sparsity, res.bits,
                           rows, cols, time.perf_counter() - t0, res.solver, res.backend)
         report.layers.append(lr_)
