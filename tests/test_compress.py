@@ -63,7 +63,7 @@ def test_pruned_layer_is_the_fixed_support_solve():
     with torch.no_grad():
         h_t = teacher[2](teacher[1](teacher[0](x)))
         h_s = small[2](small[1](small[0](x)))
-    full = torch.zeros_like(h_t)
+    full = h_t.clone()  # a removed channel carries the teacher's value (only the teacher sees it)
     full[:, kept] = h_s
     ref = cdfast.distill_layer(teacher[3], h_t.double(), full.double(), loss="cross",
                                compression=cdfast.FixedSupport(channels=kept.tolist()), **kw)

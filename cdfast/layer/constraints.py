@@ -133,7 +133,8 @@ class FixedSupport:
     channels; the others were removed upstream, e.g. by :func:`cdfast.compress`'s group
     pruning or by another pruning tool), or ``mask``, a boolean tensor of the weight's
     shape (the mask of an unstructured pruning). The layer's inputs keep the teacher's
-    width: a removed channel is a zero channel of ``h^S``. Combines with ``WeightPrune``
+    width (what ``h^S`` holds in a removed channel only reaches the teacher-side terms;
+    :func:`cdfast.compress` puts ``h^T``'s value there). Combines with ``WeightPrune``
     (whose density then counts the supported weights) and ``Quantize``.
     """
 

@@ -11,7 +11,8 @@ streamed, the kept channels are chosen on the cross-distillation quadratic with 
 cost summed over the consumers (:func:`cdfast.layer.solvers.select_shared_channels`),
 and the channels are removed from every member of the group at once. Each layer is
 then fit by :func:`cdfast.distill_layer` against the teacher's full-width layer, its
-removed input channels a :class:`~cdfast.layer.constraints.FixedSupport`, and the
+removed input channels a :class:`~cdfast.layer.constraints.FixedSupport` (``h^S``
+completed there by ``h^T``), and the
 walk goes on with the student's inputs recomputed. Layers whose channels stay are
 refit by the same loss.
 """
@@ -176,8 +177,17 @@ def _teacher_view(layer: nn.Module, kept_out: torch.Tensor) -> nn.Module:
 
 
 class _Inputs:
-    """A layer's ``(h^T, h^S)`` at the teacher's input width: a removed input channel is a
-    zero channel of ``h^S``; a depthwise conv sees only its remaining channels."""
+    """A layer's ``(h^T, h^S)`` at the teacher's input width; a depthwise conv sees only its
+    remaining channels.
+
+    The student no longer computes a removed input channel; ``h^S`` carries the teacher's
+    value there. The student's weights on it are fixed at zero (:class:`FixedSupport`), so
+    it only completes the teacher-side target of the terms that feed the teacher the
+    student's input (``imitation``, ``cross``, ``soft``): ``W^T∗h^S`` is then what the
+    teacher layer gives on the student's input with the removed channels as they were,
+    which the kept channels must make up for, as in the authors' masked layers whose
+    input keeps every channel. With zeros there, that target would itself lack the
+    removed channels and the fit would not compensate for them."""
 
     def __init__(self, name: str, teacher: nn.Module, student: nn.Module, graph: ModelGraph):
         self.layer_t, self.layer_s = teacher.get_submodule(name), student.get_submodule(name)
@@ -196,9 +206,7 @@ class _Inputs:
         idx = self.kept.to(h_t.device)
         if self.depthwise:
             return h_t.index_select(self.dim, idx), h_s
-        shape = list(h_s.shape)
-        shape[self.dim] = self.full
-        full = h_s.new_zeros(shape)
+        full = h_t.clone()
         full.index_copy_(self.dim % h_s.dim(), idx, h_s)
         return h_t, full
 
@@ -280,8 +288,8 @@ def fit_layer(name: str, teacher: nn.Module, student: nn.Module, graph: ModelGra
     """Fit student layer ``name`` to the teacher's by :func:`cdfast.distill_layer`; write it back.
 
     The teacher layer keeps its full input width (restricted to the outputs the student
-    still has); the student's removed inputs are zero channels of ``h^S`` and a
-    :class:`FixedSupport` (with ``keep_zeros``, the student's zero weights as well).
+    still has); the student's removed inputs are a :class:`FixedSupport` (with
+    ``keep_zeros``, the student's zero weights as well; see :class:`_Inputs` for ``h^S``).
     Returns ``(result, inputs, rows M, columns D)``.
     """
     kw = dict(kw)
