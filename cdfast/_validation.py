@@ -44,10 +44,13 @@ def check_pair(geometry: LayerGeometry, h_teacher, h_student) -> None:
         if h_teacher.dim() != 4 or h_teacher.shape[1] != geometry.in_channels:
             raise ValueError(f"h_teacher: expected N×{geometry.in_channels}×H×W for this Conv2d, "
                              f"got shape {tuple(h_teacher.shape)}")
+        # output_hw counts the padding: a 7×7 conv padded by 3 takes a 1×1 input.
         ho, wo = geometry.output_hw(h_teacher.shape[2], h_teacher.shape[3])
         if ho < 1 or wo < 1:
-            raise ValueError(f"h_teacher: spatial size {tuple(h_teacher.shape[2:])} is smaller than the "
-                             f"layer's receptive field")
+            padded = tuple(s + 2 * p for s, p in zip(h_teacher.shape[2:], geometry.padding))
+            span = tuple(d * (k - 1) + 1 for d, k in zip(geometry.dilation, geometry.kernel_size))
+            raise ValueError(f"h_teacher: spatial size {tuple(h_teacher.shape[2:])} (padded by "
+                             f"{geometry.padding}: {padded}) is smaller than the layer's receptive field {span}")
     else:
         if h_teacher.dim() < 2 or h_teacher.shape[-1] != geometry.in_channels:
             raise ValueError(f"h_teacher: expected N×{geometry.in_channels} for this Linear, "

@@ -123,7 +123,7 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     gl = next((p for p in plan.penalties if isinstance(p, GroupLasso)), None)
     l1_first = int(l1 is not None and gl is not None and plan.penalties.index(l1) < plan.penalties.index(gl))
 
-    W = A.clone()
+    W = (A * plan.mask).contiguous()
     Wb = torch.empty_like(W)
     m = torch.zeros_like(W)
     v = torch.zeros_like(W) if cfg.solver == "adam" else None

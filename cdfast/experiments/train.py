@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import _materialise, load_fashion_mnist
 from .models import build_model
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "default_cache_dir", "teacher_path", "train_teacher",
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "default_cache_dir", "teacher_path", "train_teacher", "fit",
            "evaluate"]
 
 DEFAULT_EPOCHS = 3
@@ -136,6 +136,19 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
                                f"delete it to retrain") from e
         return model.to(device).eval()
 
+    torch.manual_seed(seed)
+    model = fit(build_model(model_name), epochs, batch_size, lr, seed, device, max_train, root, progress,
+                desc=model_name)
+    _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return model
+
+
+def fit(model: nn.Module, epochs: int = DEFAULT_EPOCHS, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
+        seed: int = 0, device: str | torch.device = "cpu", max_train: int | None = None,
+        root: str | os.PathLike | None = None, progress: bool | None = None, desc: str = "train") -> nn.Module:
+    """Train ``model`` on the Fashion-MNIST train split with :func:`train_teacher`'s recipe
+    (no cache); returns it in eval mode on ``device``."""
+    device = torch.device(device)
     data = load_fashion_mnist("train", root=root)
     x_all, y_all = data.tensors
     g = torch.Generator().manual_seed(seed)
@@ -147,11 +160,10 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
     total = epochs * steps_per_epoch
     warmup = max(1, int(round(_WARMUP_FRACTION * total)))
 
-    torch.manual_seed(seed)
     # channels_last roughly halves the step time of these small convs on CPU; the
     # model is returned in the default (contiguous) layout.
     fmt = torch.channels_last
-    model = build_model(model_name).to(device).to(memory_format=fmt)
+    model = model.to(device).to(memory_format=fmt)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)
@@ -170,7 +182,7 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=g)
-        bar = tqdm(range(steps_per_epoch), desc=f"{model_name} epoch {epoch + 1}/{epochs}",
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
                    disable=not show, leave=False)
         running = 0.0
         for b in bar:
@@ -192,9 +204,7 @@ def train_teacher(model_name: str, epochs: int = DEFAULT_EPOCHS, batch_size: int
             raise RuntimeError(f"lr: training diverged (loss {running}) at epoch {epoch + 1}; "
                                f"try a smaller lr")
 
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-    return model
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()

@@ -7,5 +7,6 @@ surgery (pruned channels physically removed) → ``(student, CompressionReport)`
 from . import fskd
 from .compress import CompressionReport, compress
 from .counting import count_flops, count_parameters
+from .reconstruct import reconstruct
 
-__all__ = ["compress", "CompressionReport", "fskd", "count_parameters", "count_flops"]
+__all__ = ["compress", "reconstruct", "CompressionReport", "fskd", "count_parameters", "count_flops"]

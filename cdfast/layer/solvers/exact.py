@@ -99,7 +99,7 @@ def _select_channels(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
 
 def _support(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
     geo = plan.geometry
-    support = torch.ones_like(quad.anchor, dtype=torch.bool)
+    support = plan.mask.clone()  # all True but where a FixedSupport removed weights
     if plan.channel is not None:
         keep = _select_channels(quad, plan)
         support &= expand_channels(keep, geo, support.shape[-1]).expand_as(support)

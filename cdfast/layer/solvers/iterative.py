@@ -195,7 +195,7 @@ class TorchGramEngine:
     def __init__(self, quad: Quadratic, plan: ConstraintPlan, cfg: SolverConfig):
         self.full_quad = self.quad = quad
         self.plan, self.cfg = plan, cfg
-        self.W = quad.anchor.clone()
+        self.W = quad.anchor * plan.mask  # masked coordinates start (and stay) at zero
         self.opt = _Optimizer(cfg, self.W)
         self.cols: torch.Tensor | None = None  # kept columns once compacted
         self.prev: torch.Tensor | None = None
@@ -291,7 +291,7 @@ class DataEngine:
     def __init__(self, loss_fn, anchor: torch.Tensor, plan: ConstraintPlan, cfg: SolverConfig,
                  num_batches: int):
         self.loss_fn, self.plan, self.cfg, self.num_batches = loss_fn, plan, cfg, num_batches
-        self.W = anchor.clone()
+        self.W = anchor * plan.mask
         self.opt = _Optimizer(cfg, self.W)
         self.prev: torch.Tensor | None = None
 
