@@ -23,7 +23,7 @@ from .selection import (AUTO_CANDIDATES, CROSSING_BELOW_M_OVER_D, FoldedStatisti
 from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve
 from .statistics import LayerStatistics
 
-__all__ = ["distill_layer", "DistillResult"]
+__all__ = ["distill_layer", "DistillResult", "check_arguments"]
 
 FORMS = ("auto", "gram", "data")
 AUTO_FOLDS = 5  # held-out folds of loss="auto"
@@ -133,6 +133,34 @@ def _collect_batches(h_teacher, h_student, batches) -> list[tuple[torch.Tensor, 
     return [(h_teacher, h_student)]
 
 
+def check_arguments(*, loss="cross", mu=0.6, alpha=0.5, beta=0.5, objective="linear", activation=None,
+                    solver="auto", form="auto", steps=3000, lr=5e-4, momentum=0.9, log_every=0, damping=1e-6,
+                    stats_dtype=torch.float32, fit_bias=False, strict=None, backend="auto",
+                    compression=None) -> LossSpec:
+    """Check :func:`distill_layer`'s settings (not its tensors), each error naming its argument;
+    returns the :class:`LossSpec` (``nc`` standing in for ``loss="auto"``). :func:`cdfast.compress`
+    calls it before any work, so a bad setting never fails after minutes of solving."""
+    if not (isinstance(loss, str) and loss == "auto"):
+        LossSpec(loss, mu, alpha, beta, objective)  # validates loss, mu, alpha, beta, objective
+    spec = LossSpec("nc" if loss == "auto" else loss, mu, alpha, beta, objective, _activation(activation))
+    if not isinstance(solver, str) or solver not in SOLVERS + ("auto",):
+        raise ValueError(f"solver: expected 'auto' or one of {SOLVERS}, got {solver!r}")
+    if not isinstance(form, str) or form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+    if not isinstance(backend, str) or backend not in ("auto",) + dispatch.BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {dispatch.BACKENDS}, got {backend!r}")
+    check_positive_int("steps", steps)
+    check_positive_float("lr", lr)
+    check_unit_interval("momentum", momentum)
+    check_positive_int("log_every", log_every, minimum=0)
+    check_nonneg_float("damping", damping)
+    check_dtype("stats_dtype", stats_dtype)
+    check_bool("fit_bias", fit_bias)
+    check_bool("strict", strict, allow_none=True)
+    normalize(compression)
+    return spec
+
+
 def distill_layer(teacher_layer: nn.Module,
                   h_teacher: torch.Tensor | None = None,
                   h_student: torch.Tensor | None = None,
@@ -204,20 +232,11 @@ def distill_layer(teacher_layer: nn.Module,
     """
     start = time.perf_counter()
     geometry = LayerGeometry.of(teacher_layer)
-    auto_loss = isinstance(loss, str) and loss == "auto"
-    spec = LossSpec("nc" if auto_loss else loss, mu, alpha, beta, objective, _activation(activation))
-    if not isinstance(solver, str) or solver not in SOLVERS + ("auto",):
-        raise ValueError(f"solver: expected 'auto' or one of {SOLVERS}, got {solver!r}")
-    if not isinstance(form, str) or form not in FORMS:
-        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
-    check_positive_int("steps", steps)
-    check_positive_float("lr", lr)
-    check_unit_interval("momentum", momentum)
-    check_positive_int("log_every", log_every, minimum=0)
-    check_nonneg_float("damping", damping)
-    check_dtype("stats_dtype", stats_dtype)
-    check_bool("fit_bias", fit_bias)
-    check_bool("strict", strict, allow_none=True)
+    spec = check_arguments(loss=loss, mu=mu, alpha=alpha, beta=beta, objective=objective, activation=activation,
+                           solver=solver, form=form, steps=steps, lr=lr, momentum=momentum, log_every=log_every,
+                           damping=damping, stats_dtype=stats_dtype, fit_bias=fit_bias, strict=strict,
+                           backend=backend, compression=compression)
+    auto_loss = loss == "auto"
     check_finite_module("teacher_layer", teacher_layer)
     if form == "auto":
         form = "gram" if objective == "linear" else "data"

@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
+from .._validation import check_bool, check_positive_int, check_tensor
 from ..layer.constraints import ChannelPrune, FixedSupport, normalize
-from ..layer.distill import distill_layer
+from ..layer.distill import AUTO_FOLDS, check_arguments, distill_layer
 from ..layer.geometry import LayerGeometry
 from ..layer.losses import ActivationSpec, LossSpec, Quadratic
 from ..layer.solvers.shared import pieces_of, select_shared_channels
+from ..layer.selection import AUTO_CANDIDATES, FoldedStatistics, rule_of_thumb
 from ..layer.statistics import LayerStatistics
+from . import checkpoint as ckpt
 from .counting import count_flops, count_parameters
 from .graph import ChannelGroup, ModelGraph, is_depthwise
 from .surgery import fold_batchnorm
@@ -210,13 +213,13 @@ class _Inputs:
         full.index_copy_(self.dim % h_s.dim(), idx, h_s)
         return h_t, full
 
-    def batches(self, teacher: nn.Module, student: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
+    def batches(self, teacher: nn.Module, student: nn.Module, batches):
+        """``(h^T, h^S)`` per calibration batch, computed as they are consumed: the Gram form
+        streams them into its statistics, so memory does not grow with the sample count."""
         for x in batches:
             h_t = capture_input(lambda: teacher(x), self.layer_t)
             h_s = capture_input(lambda: student(x), self.layer_s)
-            out.append(self.pair(h_t, h_s))
-        return out
+            yield self.pair(h_t, h_s)
 
     def write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Copy a full-width solution into the student layer (its remaining columns)."""
@@ -235,9 +238,10 @@ class _Inputs:
 
 
 # ------------------------------------------------------------------ selection
-def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, student, batches, spec: LossSpec,
+def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, student, batches, spec: LossSpec | None,
             stats_kw: dict) -> list[int]:
-    """The group's channels to remove: greedy OBS over every consumer's quadratic."""
+    """The group's channels to remove: greedy OBS over every consumer's quadratic (``spec``
+    None: ``loss="auto"``, each consumer's loss by its rows per column)."""
     root = student.get_submodule(group.root)
     channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
     unit, block = group.units(channels)
@@ -252,11 +256,16 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
         stats = LayerStatistics(view, **stats_kw).update_many(inputs.batches(teacher, student, batches))
         stats.all_reduce()
         geo = stats.geometry
+        if spec is None:  # loss="auto": the rows-per-column rule picks the selection's loss
+            chosen = rule_of_thumb(stats).chosen
+            layer_spec = AUTO_CANDIDATES[0] if chosen == "nc" else AUTO_CANDIDATES[1]
+        else:
+            layer_spec = spec
         anchor = geo.weight_matrix(view.weight.detach().to(stats.dtype))
         if stats.fit_bias:
             bias = view.bias.detach() if view.bias is not None else anchor.new_zeros(geo.out_channels)
             anchor = torch.cat([anchor, bias.to(anchor).reshape(geo.groups, geo.group_out, 1)], -1)
-        quad = Quadratic.from_statistics(stats, spec, anchor)
+        quad = Quadratic.from_statistics(stats, layer_spec, anchor)
         energy = float((torch.bmm(anchor, stats.G_TT.to(anchor)) * anchor).sum())
         taps = geo.taps
         if inputs.pruned:  # the columns of the inputs the layer still has, in their order
@@ -313,28 +322,65 @@ def fit_layer(name: str, teacher: nn.Module, student: nn.Module, graph: ModelGra
             k_out = graph.kept_out[name].to(spec.scale.device)
             kw["activation"] = ActivationSpec(spec.scale[k_out], spec.shift[k_out])
     pairs = inputs.batches(teacher, student, batches)
-    if data_form:
+    if data_form:  # the data form iterates over the features themselves: they are kept
+        pairs = list(pairs)
         res = distill_layer(view, batches=pairs, **kw)
         geo = LayerGeometry.of(view)
         rows, cols = sum(geo.rows(h_t) for h_t, _ in pairs), geo.cols
     else:
-        stats = LayerStatistics(view, dtype=kw.pop("stats_dtype", torch.float32), fit_bias=kw.pop("fit_bias", False),
-                                backend=kw.get("backend", "auto")).update_many(pairs)
-        stats.all_reduce()
+        stats_kw = dict(dtype=kw.pop("stats_dtype", torch.float32), fit_bias=kw.pop("fit_bias", False),
+                        backend=kw.get("backend", "auto"))
+        samples = sum(len(b) for b in batches)
+        if kw.get("loss") == "auto" and samples >= 2:  # held-out folds to choose the loss on
+            stats = FoldedStatistics(view, folds=min(AUTO_FOLDS, samples), **stats_kw)
+        else:
+            stats = LayerStatistics(view, **stats_kw)
+        stats.update_many(pairs).all_reduce()
         res = distill_layer(view, statistics=stats, **kw)
-        rows, cols = stats.rows, stats.geometry.cols + int(stats.fit_bias)
+        total = stats.parts[0] if isinstance(stats, FoldedStatistics) else stats
+        rows = sum(p.rows for p in stats.parts) if isinstance(stats, FoldedStatistics) else stats.rows
+        cols = total.geometry.cols + int(total.fit_bias)
     inputs.write(res.weight, res.bias)
     return res, inputs, rows, cols
 
 
 # --------------------------------------------------------------- checkpoints
-def _save_checkpoint(path: str, student: nn.Module, done: list[str], report: CompressionReport,
+def _save_checkpoint(path: str, stamp: dict, student: nn.Module, done: list[str], report: CompressionReport,
                      pruned: list) -> None:
-    tmp = path + ".tmp"
-    torch.save({"student": student.state_dict(), "done": done, "pruned": pruned,
-                "layers": [asdict(l) for l in report.layers], "shrink": report.shrink,
-                "quantized": report.quantized}, tmp)
-    os.replace(tmp, path)
+    ckpt.save(path, {"fingerprint": stamp, "student": student.state_dict(), "done": list(done),
+                     "pruned": [(r, list(rm)) for r, rm in pruned], "layers": [asdict(l) for l in report.layers],
+                     "shrink": dict(report.shrink), "quantized": dict(report.quantized)})
+
+
+def _check_layer_kwargs(layer_kwargs: dict) -> None:
+    """``compress``'s extra keywords must be :func:`distill_layer`'s (checked before any work)."""
+    import inspect
+
+    known = set(inspect.signature(distill_layer).parameters) - {
+        "teacher_layer", "h_teacher", "h_student", "batches", "statistics", "compression", "loss", "mu", "solver",
+        "steps", "lr"}
+    for k in layer_kwargs:
+        if k not in known:
+            raise TypeError(f"{k}: not an argument of compress or distill_layer (expected one of {sorted(known)})")
+
+
+def _check_overrides(overrides) -> dict[str, dict]:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides: expected a dict of layer name -> dict of settings, got {type(overrides).__name__}")
+    for name, ov in overrides.items():
+        if not isinstance(name, str) or not isinstance(ov, dict):
+            raise TypeError(f"overrides: expected a dict of layer name -> dict of settings, got {name!r}: {ov!r}")
+        if "action" in ov and ov["action"] not in ("compress", "refit", "skip"):
+            raise ValueError(f"overrides: layer {name!r}: action expected 'compress', 'refit' or 'skip', "
+                             f"got {ov['action']!r}")
+        if "compression" in ov:
+            normalize(ov["compression"])
+        settings = {k: v for k, v in ov.items() if k not in ("action", "compression")}
+        _check_layer_kwargs({k: v for k, v in settings.items() if k not in ("loss", "mu", "solver", "steps", "lr")})
+        check_arguments(**settings)
+    return dict(overrides)
 
 
 # ------------------------------------------------------------------ compress
@@ -377,25 +423,47 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
             (restricted to its remaining channels) and a ReLU.
     """
     start = time.perf_counter()
+    # every argument is checked before any work: a bad one never fails after minutes of solving
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher: expected an nn.Module, got {type(teacher).__name__}")
     if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    for name, flag in (("prune_tied", prune_tied), ("fold_bn", fold_bn), ("progress", progress),
+                       ("verbose", verbose)):
+        check_bool(name, flag)
+    check_positive_int("batch_size", batch_size)
     compression = normalize(compression)
+    _check_layer_kwargs(layer_kwargs)
+    check_arguments(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, compression=compression,
+                    **{k: v for k, v in layer_kwargs.items() if k != "activation"})
+    overrides = _check_overrides(overrides)
+    checkpoint = ckpt.check_path(checkpoint)
+    if data is None:
+        raise TypeError("data: expected calibration inputs (a tensor, a Dataset or DataLoader, or a list of "
+                        "tensors), got None")
     batches = calibration_batches(data, batch_size)
     if not batches or sum(len(b) for b in batches) == 0:
         raise ValueError("data: expected at least one calibration sample, got none")
+    for b in batches:
+        check_tensor("data", b)
     params = list(teacher.parameters())
     device = params[0].device if params else torch.device("cpu")
     if batches[0].device != device:
         raise ValueError(f"data: expected tensors on the model's device {device}, got {batches[0].device}")
+    for name, p in teacher.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"teacher: its parameter {name!r} contains NaN or Inf")
     teacher_mode = teacher.training
     teacher.eval()
     example = batches[0][:1]
-    order, _ = execution_order(teacher, example)
+    try:
+        order, _ = execution_order(teacher, example)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        teacher.train(teacher_mode)
+        raise ValueError(f"data: the teacher cannot run on inputs of shape {tuple(example.shape[1:])} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if not order:
         raise ValueError("teacher: has no nn.Conv2d or nn.Linear layer to compress")
-    overrides = dict(overrides or {})
     for name in overrides:
         if name not in order:
             raise ValueError(f"overrides: no compressible layer named {name!r}; layers are {order}")
@@ -422,20 +490,29 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
 
     done: list[str] = []
     pruned: list[tuple[str, list[int]]] = []
-    if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True)
-        for root, removed in state["pruned"]:
-            graph.prune(by_root[root], removed)
-        pruned = [(r, list(rm)) for r, rm in state["pruned"]]
-        student.load_state_dict(state["student"])
-        done = list(state["done"])
-        report.layers = [LayerReport(**d) for d in state["layers"]]
-        report.shrink = dict(state["shrink"])
-        report.quantized = dict(state["quantized"])
+    stamp = None
+    if checkpoint:
+        settings = dict(compression=compression, loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, policy=policy,
+                        prune_tied=prune_tied, overrides=overrides, batch_size=batch_size, **layer_kwargs)
+        stamp = ckpt.fingerprint(teacher, batches, settings)
+        state = ckpt.load(checkpoint, stamp)
+        if state is not None:
+            try:
+                for root, removed in state["pruned"]:
+                    graph.prune(by_root[root], removed)
+                student.load_state_dict(state["student"])
+            except (KeyError, RuntimeError) as exc:
+                raise ValueError(f"checkpoint: {checkpoint!r} does not fit this model ({str(exc)[:160]}); "
+                                 "delete it to start over") from None
+            pruned = [(r, list(rm)) for r, rm in state["pruned"]]
+            done = list(state["done"])
+            report.layers = [LayerReport(**d) for d in state["layers"]]
+            report.shrink = dict(state["shrink"])
+            report.quantized = dict(state["quantized"])
     selected = {r for r, _ in pruned}
 
     loss_kw = {k: layer_kwargs[k] for k in ("alpha", "beta") if k in layer_kwargs}
-    select_spec = LossSpec(loss, mu, objective="linear", **loss_kw)
+    select_spec = None if loss == "auto" else LossSpec(loss, mu, objective="linear", **loss_kw)
     stats_kw = dict(dtype=layer_kwargs.get("stats_dtype", torch.float32),
                     fit_bias=layer_kwargs.get("fit_bias", False), backend=layer_kwargs.get("backend", "auto"))
     data_form = layer_kwargs.get("form", "auto") == "data" or layer_kwargs.get("objective", "linear") != "linear"
@@ -443,40 +520,53 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
     from tqdm.auto import tqdm
 
     bar = tqdm(order, desc="cdfast compress", disable=not progress, unit="layer")
-    for name in bar:
-        bar.set_postfix_str(name)
-        if name in done:
-            continue
-        if actions[name] == "skip":
-            report.layers.append(LayerReport(name, "skipped"))
+    try:
+        for name in bar:
+            bar.set_postfix_str(name)
+            if name in done:
+                continue
+            if actions[name] == "skip":
+                report.layers.append(LayerReport(name, "skipped"))
+                done.append(name)
+                continue
+            t0 = time.perf_counter()
+            for g in group_of.get(name, []):  # the first reader of a group chooses its channels
+                if g.root not in selected:
+                    removed = _select(g, keep[g.root], graph, teacher, student, batches, select_spec, stats_kw)
+                    graph.prune(g, removed)
+                    pruned.append((g.root, removed))
+                    selected.add(g.root)
+            kw = dict(layer_kwargs)
+            kw.update(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr)
+            kw.update({k: v for k, v in overrides.get(name, {}).items() if k not in ("action", "compression")})
+            items = tuple(c for c in constraints[name] if not isinstance(c, ChannelPrune))
+            res, inputs, rows, cols = fit_layer(name, teacher, student, graph, batches, items, kw, data_form)
+            kept_in = len(inputs.kept)
+            action = "compressed" if items or inputs.pruned else "refit"
+            lr_ = LayerReport(name, action, res.loss_before, res.loss_after, inputs.full, kept_in, res.sparsity, res.bits,
+                              rows, cols, time.perf_counter() - t0, res.solver, res.backend)
+            report.layers.append(lr_)
+            if res.codes is not None:
+                report.quantized[name] = {"codes": res.codes, "scale": res.scale, "bits": res.bits}
+            if inputs.pruned:
+                report.shrink[name] = "removed"
             done.append(name)
-            continue
-        t0 = time.perf_counter()
-        for g in group_of.get(name, []):  # the first reader of a group chooses its channels
-            if g.root not in selected:
-                removed = _select(g, keep[g.root], graph, teacher, student, batches, select_spec, stats_kw)
-                graph.prune(g, removed)
-                pruned.append((g.root, removed))
-                selected.add(g.root)
-        kw = dict(layer_kwargs)
-        kw.update(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr)
-        kw.update({k: v for k, v in overrides.get(name, {}).items() if k not in ("action", "compression")})
-        items = tuple(c for c in constraints[name] if not isinstance(c, ChannelPrune))
-        res, inputs, rows, cols = fit_layer(name, teacher, student, graph, batches, items, kw, data_form)
-        kept_in = len(inputs.kept)
-        action = "compressed" if items or inputs.pruned else "refit"
-        lr_ = LayerReport(name, action, res.loss_before, res.loss_after, inputs.full, kept_in, res.sparsity, res.bits,
-                          rows, cols, time.perf_counter() - t0, res.solver, res.backend)
-        report.layers.append(lr_)
-        if res.codes is not None:
-            report.quantized[name] = {"codes": res.codes, "scale": res.scale, "bits": res.bits}
-        if inputs.pruned:
-            report.shrink[name] = "removed"
-        done.append(name)
-        if verbose:
-            tqdm.write(lr_.line())
+            if verbose:
+                tqdm.write(lr_.line())
+            if checkpoint:
+                _save_checkpoint(checkpoint, stamp, student, done, report, pruned)
+    except KeyboardInterrupt:
+        where = f"{len(done)} of {len(order)} layers"
         if checkpoint:
-            _save_checkpoint(checkpoint, student, done, report, pruned)
+            print(f"\ncdfast: interrupted after {where}; {checkpoint} holds them: run the same call again "
+                  "to resume", file=sys.stderr)
+        else:
+            print(f"\ncdfast: interrupted after {where}; pass checkpoint='run.pt' to be able to resume",
+                  file=sys.stderr)
+        teacher.train(teacher_mode)
+        raise
+    finally:
+        bar.close()
 
     for g in graph.groups:
         removed = next((rm for r, rm in pruned if r == g.root), None)
