@@ -5,7 +5,11 @@ message starts with the argument's name as the user wrote it) or a finite result
 than naive compression. Anything else — another exception, a message that names nothing,
 a non-finite or worse-than-naive result — is a defect, printed with the call that made it.
 
-    python tools/fuzz_api.py --cases 3000 --seed 0
+    python tools/fuzz_api.py --cases 3000 --seed 0                 # distill_layer
+    python tools/fuzz_api.py --api compress --cases 300 --seed 0  # compress on small models
+
+For ``compress`` a finite result is a student whose parameters and outputs on the
+calibration data are finite, with no more parameters than the teacher.
 """
 from __future__ import annotations
 
@@ -138,24 +142,130 @@ def constraint_cases():
     yield (lambda: cdfast.LayerStatistics(nn.Linear(3, 2)).G_TT and None), "empty statistics"
 
 
+COMPRESS_ARGUMENTS = ARGUMENTS | {"teacher", "data", "policy", "prune_tied", "overrides", "batch_size", "fold_bn",
+                                  "checkpoint", "progress", "verbose", "keep", "augment", "typo_kwarg"}
+COMPRESS_BAD = {
+    "loss": ["l2", None], "mu": [2.0, float("nan")], "solver": ["newton"], "steps": [0, "5"], "lr": [-1.0],
+    "policy": ["first", 3], "prune_tied": ["no"], "overrides": [{"nope": {}}, {"0": {"action": "drop"}}, [1], {"0": 3}],
+    "batch_size": [0, 2.5, "8"], "fold_bn": [None], "checkpoint": [3, ""], "progress": ["yes"],
+    "compression": ["half", [cdfast.ChannelPrune(0.5), cdfast.WeightPrune(0.5)]], "typo_kwarg": [1],
+}
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.body(h))
+        return self.head(h.mean((2, 3)))
+
+
+def _small_model(rng: random.Random) -> tuple[nn.Module, tuple[int, ...]]:
+    kind = rng.choice(["mlp", "cnn", "residual"])
+    if kind == "mlp":
+        d = rng.randint(2, 9)
+        return nn.Sequential(nn.Linear(d, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), (d,)
+    c = rng.randint(2, 6)
+    if kind == "cnn":
+        return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c + 1, 3),
+                             nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)), (1, 6, 6)
+    return _Residual(c), (1, 6, 6)
+
+
+def random_compress_case(rng: random.Random):
+    model, shape = _small_model(rng)
+    n = rng.choice([1, 2, 5, 17])
+    mag = rng.choice([1e-20, 1.0, 1.0, 1e6])
+    data = torch.randn(n, *shape) * mag
+    with torch.no_grad():
+        model(data[:1])  # materialise lazy layers
+    kw = dict(compression=rng.choice([None, cdfast.ChannelPrune(0.5), cdfast.Quantize(4), cdfast.WeightPrune(0.5),
+                                      [cdfast.ChannelPrune(0.5), cdfast.Quantize(3)]]),
+              loss=rng.choice(["nc", "cross", "auto"]), solver=rng.choice(["auto", "exact", "adam"]), steps=5,
+              policy=rng.choice(["auto", "all", "skip_first"]), progress=False, verbose=False,
+              batch_size=rng.choice([1, 4, 256]))
+    r = rng.random()
+    if r < 0.45:
+        name = rng.choice(sorted(COMPRESS_BAD))
+        kw[name] = rng.choice(COMPRESS_BAD[name])
+    elif r < 0.6:
+        what = rng.choice(["nan", "shape", "empty", "list", "none", "ints", "teacher"])
+        if what == "nan":
+            data[0].view(-1)[0] = float("nan")
+        elif what == "shape":
+            data = data[..., :1]
+        elif what == "empty":
+            data = data[:0]
+        elif what == "list":
+            data = [data, "x"]
+        elif what == "none":
+            data = None
+        elif what == "ints":
+            data = data.long()
+        else:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+    teacher, inputs = model.eval(), data
+
+    def call():
+        student, report = cdfast.compress(teacher, inputs, **kw)
+        for name, p in student.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise AssertionError(f"student parameter {name} is not finite")
+        with torch.no_grad():
+            if not bool(torch.isfinite(student(inputs)).all()):
+                raise AssertionError("student outputs are not finite")
+        if report.params_after > report.params_before:
+            raise AssertionError("the student has more parameters than the teacher")
+        return None
+    return call, f"{type(model).__name__} data={getattr(data, 'shape', type(data))} mag={mag:g} {kw}"
+
+
+def classify_compress(fn) -> tuple[str, str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+    except (TypeError, ValueError) as exc:
+        m = _NAMED.match(str(exc).replace("overrides[", "overrides_"))
+        first = str(exc).split(":")[0]
+        if m or first.startswith("overrides["):
+            names = [x.strip() for x in first.split(",")]
+            if all(x in COMPRESS_ARGUMENTS or x.startswith("overrides[") for x in names):
+                return "clear error", ""
+        return "defect", f"unnamed {type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001
+        return "defect", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+    return "finite result", ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--api", choices=["distill_layer", "compress"], default="distill_layer")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     counts: Counter = Counter()
     defects = []
-    cases = list(constraint_cases())
-    cases += [random_case(rng) for _ in range(args.cases - len(cases))]
+    if args.api == "compress":
+        cases, judge = [random_compress_case(rng) for _ in range(args.cases)], classify_compress
+    else:
+        cases, judge = list(constraint_cases()), classify
+        cases += [random_case(rng) for _ in range(args.cases - len(cases))]
     for fn, desc in cases:
-        outcome, why = classify(fn)
+        outcome, why = judge(fn)
         counts[outcome] += 1
         if outcome == "defect":
             defects.append((desc, why))
     print(f"{sum(counts.values())} calls: {counts['clear error']} clear errors, "
-          f"{counts['finite result']} finite results no worse than naive, {counts['defect']} defects")
+          f"{counts['finite result']} finite results{'' if args.api == 'compress' else ' no worse than naive'}, {counts['defect']} defects")
     for desc, why in defects[:40]:
         print(f"- {desc}\n  {why}")
     return 1 if defects else 0

@@ -478,7 +478,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
     for root in too_small:  # a squeeze-and-excitation bottleneck of one channel, say: left whole
         del keep[root]
     report = CompressionReport(params_before=count_parameters(teacher),
-                               flops_before=count_flops(teacher, tuple(batches[0].shape[1:])),
+                               flops_before=count_flops(teacher, (1, *batches[0].shape[1:]), batched=True),
                                samples=sum(len(b) for b in batches))
 
     group_of = {}  # consumer → groups it reads that are to be pruned, in graph order
@@ -581,7 +581,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
     if fold_bn:
         fold_batchnorm(student, execution_order(student, example)[1])
     report.params_after = count_parameters(student)
-    report.flops_after = count_flops(student, tuple(batches[0].shape[1:]))
+    report.flops_after = count_flops(student, (1, *batches[0].shape[1:]), batched=True)
     report.seconds = time.perf_counter() - start
     teacher.train(teacher_mode)
     return student, report

@@ -114,7 +114,7 @@ def reconstruct(teacher: nn.Module, student: nn.Module, data, *, loss: str = "cr
                              f"with the kept channels {tuple(replayed[n + '.weight'].shape)}; pass kept_channels= "
                              "for the channels another tool removed")
     report = CompressionReport(params_before=count_parameters(teacher),
-                               flops_before=count_flops(teacher, tuple(example.shape[1:])),
+                               flops_before=count_flops(teacher, (1, *example.shape[1:]), batched=True),
                                samples=sum(len(b) for b in batches))
     kw = dict(layer_kwargs, loss=loss, mu=mu, solver=solver, steps=steps, lr=lr)
     data_form = kw.get("form", "auto") == "data" or kw.get("objective", "linear") != "linear"
@@ -131,7 +131,7 @@ def reconstruct(teacher: nn.Module, student: nn.Module, data, *, loss: str = "cr
         if verbose:
             tqdm.write(line.line())
     report.params_after = count_parameters(student)
-    report.flops_after = count_flops(student, tuple(example.shape[1:]))
+    report.flops_after = count_flops(student, (1, *example.shape[1:]), batched=True)
     report.seconds = time.perf_counter() - start
     teacher.train(t_mode)
     return student, report
