@@ -8,6 +8,7 @@ docs/ARCHITECTURE.md for the layout.
 Public API:
     distill_layer, DistillResult          compress one layer
     compress, CompressionReport           compress a whole network from a few samples
+    save, load                            a compressed network to one small file and back
     LayerStatistics                       streaming Gram statistics of a layer
     ChannelPrune, WeightPrune, NMSparsity,
     GroupLasso, L1, Quantize              compression constraints
@@ -20,12 +21,13 @@ from . import _backends  # noqa: F401  (registers every backend's implementation
 from .dispatch import BackendUnavailable, backends
 from .layer import (L1, ActivationSpec, ChannelPrune, DistillResult, GroupLasso, LayerGeometry, LayerStatistics,
                     LossSpec, NMSparsity, Quantize, WeightPrune, distill_layer)
-from .model import CompressionReport, compress, fskd
+from .model import CompressionReport, compress, fskd, load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "distill_layer", "DistillResult", "compress", "CompressionReport", "LayerStatistics", "LayerGeometry",
+    "distill_layer", "DistillResult", "compress", "CompressionReport", "save", "load", "LayerStatistics",
+    "LayerGeometry",
     "ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize",
     "LossSpec", "ActivationSpec", "fskd", "baselines", "backends", "BackendUnavailable",
 ]
