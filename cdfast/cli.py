@@ -498,10 +498,25 @@ def cmd_compress(args) -> int:
     teacher = teacher.to(args.device).eval()
     if isinstance(data, torch.Tensor):
         data = data.to(args.device)
+    elif isinstance(data, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in data):
+        data = [t.to(args.device) for t in data]
     _check_model_runs(teacher, data, args.device)
-    _make(out)
     policy = args.policy or ("resnet" if bundled and args.model.startswith("resnet") else
                              _library_default(compress, "policy"))
+    # what a checkpoint in this folder was made with: a resume with other settings is refused
+    settings = {"model": args.model, "weights": args.weights, "data": args.data, "k": args.k, "seed": args.seed,
+                "compression": [str(c) for c in compression], "loss": args.loss, "mu": args.mu,
+                "solver": args.solver, "steps": args.steps, "lr": args.lr, "policy": policy,
+                "batch_size": args.batch_size}
+    settings_path = out / "settings.json"
+    if checkpoint.is_file() and settings_path.is_file():
+        before = json.loads(settings_path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise CLIError(f"--out: {out} holds an unfinished run with other {', '.join(changed)}; rerun it "
+                           "as it was, or pass another --out")
+    _make(out)
+    settings_path.write_text(json.dumps(settings, indent=1))
     args.resume_hint = f"to resume after the last finished layer, run: {_resume_command(args.argv, out)}"
     print(f"compressing with {', '.join(map(str, compression))}, loss {args.loss}, solver {args.solver}, "
           f"policy {policy}, device {args.device}; output {out}", flush=True)
@@ -709,7 +724,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ncdfast {args.command}: interrupted; {args.resume_hint}", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, TypeError, OSError) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"cdfast {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -271,3 +271,22 @@ def test_an_interrupted_compress_resumes_from_its_folder(user, capsys, monkeypat
     assert cli.main(command.split()[1:]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_a_resume_with_other_settings_is_refused(user, capsys, monkeypatch):
+    torch.save(torch.randn(8, 3, 8, 8), user / "calib.pt")
+    real = compress_module.distill_layer
+    calls = []
+
+    def stop_at_the_second_layer(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(compress_module, "distill_layer", stop_at_the_second_layer)
+    argv = ["compress", "netmod:build", "--data", "calib.pt", "--keep", "0.5", "--solver", "exact", "--out", "run"]
+    assert cli.main(argv) == 130
+    capsys.readouterr()
+    assert cli.main(argv[:5] + ["0.25"] + argv[6:]) == 2
+    assert "holds an unfinished run with other compression" in _one_line_error(capsys)

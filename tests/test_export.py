@@ -125,7 +125,7 @@ def resnet20_w4(tmp_path_factory):
     from cdfast.experiments.train import shipped_teacher
 
     teacher, _ = shipped_teacher()
-    x = torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     student, report = cdfast.compress(teacher, x, compression=cdfast.Quantize(4), solver="exact",
                                       policy="skip_first", progress=False, verbose=False)
     d = tmp_path_factory.mktemp("w4")
@@ -247,3 +247,18 @@ def test_bad_arguments(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a cdfast model file"):
         cdfast.load(tmp_path / "plain.safetensors")
+
+
+def test_a_damaged_or_hostile_structure_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    cases = {"empty": "{}",
+             "dtype": '{"classes": {}, "root": {"class": "torch.nn:Linear"}, "unsaved": [], '
+                      '"quantized": {"weight": {"bits": 4, "shape": [2], "dtype": "load"}}}',
+             "class": '{"classes": {}, "root": {"class": "os:system"}, "unsaved": [], "quantized": {}}'}
+    for name, structure in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"weight.__codes": torch.zeros(1, dtype=torch.uint8), "weight.__step": torch.ones(1)}, str(path),
+                  metadata={"format": FORMAT, "structure": structure, "info": "{}"})
+        with pytest.raises(ValueError, match="path"):
+            cdfast.load(path)

@@ -187,9 +187,16 @@ def _decode(value):
         if "float" in value:
             return float(value["float"])
         if "dtype" in value:
-            return getattr(torch, value["dtype"])
+            return _dtype(value["dtype"])
         raise ValueError(f"path: the file's structure holds an attribute that was not saved ({value})")
     return value
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"path: the file names an unknown dtype {name!r}")
+    return dtype
 
 
 def _describe(model: nn.Module):
@@ -449,19 +456,25 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     if meta.get("format") != FORMAT:
         raise ValueError(f"path: {str(p)!r} is not a cdfast model file (format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
-    structure = json.loads(meta["structure"])
-    tensors = {k: v for k, v in raw.items() if not k.endswith((_CODES, _STEP))}
-    for key, q in structure["quantized"].items():
-        shape = tuple(q["shape"])
-        codes = unpack_codes(raw[key + _CODES], q["bits"], math.prod(shape)).reshape(shape)
-        tensors[key] = _dequantize(codes, raw[key + _STEP], getattr(torch, q["dtype"]))
-    root = structure["root"]
-    _expand_attrs(root, structure["classes"])
+    try:
+        structure = json.loads(meta["structure"])
+        tensors = {k: v for k, v in raw.items() if not k.endswith((_CODES, _STEP))}
+        for key, q in structure["quantized"].items():
+            shape = tuple(q["shape"])
+            codes = unpack_codes(raw[key + _CODES], q["bits"], math.prod(shape)).reshape(shape)
+            tensors[key] = _dequantize(codes, raw[key + _STEP], _dtype(q["dtype"]))
+        root = structure["root"]
+        _expand_attrs(root, structure["classes"])
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"path: {str(p)!r} has a damaged structure ({type(exc).__name__}: {exc})") from None
     if model is None:
         if structure["unsaved"]:
             raise ValueError(f"path: {str(p)!r} cannot be rebuilt without its architecture ("
                              + "; ".join(structure["unsaved"][:3]) + "); pass model=")
-        net = _build(root, tensors, {}, "", False)
+        try:
+            net = _build(root, tensors, {}, "", False)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"path: {str(p)!r} has a damaged structure ({type(exc).__name__}: {exc})") from None
     else:
         net = _load_into(model, root, tensors)
     return net.to(device)
