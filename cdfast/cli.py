@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     d = add("demo", "compress the shipped ResNet-20 teacher from 5 images per class with the paper's main "
-                    "methods; print the table, save a plot (about a minute on 2 cores)", cmd_demo)
+                    "methods; print the table, save a plot (trains nothing)", cmd_demo)
     d.add_argument("--k", type=positive_int, default=5, help="training images per class")
     d.add_argument("--seed", type=nonneg_int, default=0, help="seed of the image draw")
     d.add_argument("--out", default=None, help="output folder (default: a new cdfast-runs/demo-<time>)")

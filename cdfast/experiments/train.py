@@ -239,7 +239,7 @@ def save_teacher(model: nn.Module, path: str | os.PathLike, *, model_name: str, 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, dataset, batch_size: int = 1000) -> float:
+def evaluate(model: nn.Module, dataset, batch_size: int = 100) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` in percent.
 
     ``dataset`` is a ``TensorDataset``, any map-style dataset of ``(x, label)`` or a
