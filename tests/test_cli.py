@@ -290,3 +290,24 @@ def test_a_resume_with_other_settings_is_refused(user, capsys, monkeypatch):
     capsys.readouterr()
     assert cli.main(argv[:5] + ["0.25"] + argv[6:]) == 2
     assert "holds an unfinished run with other compression" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="Fashion-MNIST not installed")
+def test_compress_a_bundled_name_uses_the_shipped_teacher(tmp_path, monkeypatch, capsys):
+    import cdfast.experiments.data as data
+    import cdfast.experiments.train as train
+
+    real = data.load_fashion_mnist
+
+    def small_test_split(split, *a, **k):  # 200 test images keep the test short
+        d = real(split, *a, **k)
+        return torch.utils.data.TensorDataset(*(t[:200] for t in d.tensors)) if split == "test" else d
+
+    monkeypatch.setattr(data, "load_fashion_mnist", small_test_split)
+    monkeypatch.setattr(train, "train_teacher", lambda *a, **k: pytest.fail("trained a teacher"))
+    monkeypatch.setenv("CDFAST_CACHE", str(tmp_path / "empty-cache"))
+    assert cli.main(["compress", "resnet20", "--k", "1", "--keep", "0.5", "--solver", "exact",
+                     "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: the shipped resnet20 (cdfast train resnet20 --epochs 3 --seed 0)" in out
+    assert "accuracy: teacher" in out and (tmp_path / "run" / "model.safetensors").is_file()
