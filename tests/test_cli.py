@@ -9,11 +9,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import cdfast
 from cdfast import cli
-compress_module = importlib.import_module("cdfast.model.compress")  # the module (cdfast.model.compress is the function)
+
+compress_module = importlib.import_module("cdfast.model.compress")  # the module; cdfast.model.compress is the function
 
 DATA = os.environ.get("CDFAST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 
@@ -250,8 +250,8 @@ def test_train_output_records_the_command(tmp_path, monkeypatch, capsys):
     cdfast.load(out, model=build_model("small_cnn"))  # the bundled architecture, strictly
 
 
-def test_an_interrupted_compress_resumes_from_its_folder(user, capsys, monkeypatch):
-    torch.save(torch.randn(8, 3, 8, 8), user / "calib.pt")
+def _interrupt_at_the_second_layer(monkeypatch):
+    """Ctrl-C while compress solves its second layer; returns the real distill_layer."""
     real = compress_module.distill_layer
     calls = []
 
@@ -262,6 +262,12 @@ def test_an_interrupted_compress_resumes_from_its_folder(user, capsys, monkeypat
         return real(*a, **k)
 
     monkeypatch.setattr(compress_module, "distill_layer", stop_at_the_second_layer)
+    return real
+
+
+def test_an_interrupted_compress_resumes_from_its_folder(user, capsys, monkeypatch):
+    torch.save(torch.randn(8, 3, 8, 8), user / "calib.pt")
+    real = _interrupt_at_the_second_layer(monkeypatch)
     argv = ["compress", "netmod:build", "--data", "calib.pt", "--keep", "0.5", "--solver", "exact"]
     assert cli.main(argv) == 130
     out = _run_dir(user)
@@ -275,16 +281,7 @@ def test_an_interrupted_compress_resumes_from_its_folder(user, capsys, monkeypat
 
 def test_a_resume_with_other_settings_is_refused(user, capsys, monkeypatch):
     torch.save(torch.randn(8, 3, 8, 8), user / "calib.pt")
-    real = compress_module.distill_layer
-    calls = []
-
-    def stop_at_the_second_layer(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(compress_module, "distill_layer", stop_at_the_second_layer)
+    _interrupt_at_the_second_layer(monkeypatch)
     argv = ["compress", "netmod:build", "--data", "calib.pt", "--keep", "0.5", "--solver", "exact", "--out", "run"]
     assert cli.main(argv) == 130
     capsys.readouterr()

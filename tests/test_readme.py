@@ -43,7 +43,8 @@ def _env():
     return env
 
 
-@pytest.mark.skipif(not os.path.isdir(DATA), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not os.path.isdir(DATA),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_readme_code_blocks_run(tmp_path):
     script = ["import os"]
     for lang, code, _ in blocks(README):
