@@ -9,6 +9,7 @@ Public API:
     distill_layer, DistillResult          compress one layer
     compress, CompressionReport           compress a whole network from a few samples
     reconstruct                           refit a student another tool compressed
+    save, load                            a compressed network to one small file and back
     LayerStatistics                       streaming Gram statistics of a layer
     ChannelPrune, WeightPrune, NMSparsity,
     GroupLasso, L1, Quantize,
@@ -22,13 +23,13 @@ from . import _backends  # noqa: F401  (registers every backend's implementation
 from .dispatch import BackendUnavailable, backends
 from .layer import (L1, ActivationSpec, ChannelPrune, DistillResult, FixedSupport, GroupLasso, LayerGeometry, LayerStatistics,
                     LossSpec, NMSparsity, Quantize, WeightPrune, distill_layer)
-from .model import CompressionReport, compress, fskd, reconstruct
+from .model import CompressionReport, compress, fskd, load, reconstruct, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "distill_layer", "DistillResult", "compress", "reconstruct", "CompressionReport", "LayerStatistics",
-    "LayerGeometry",
+    "distill_layer", "DistillResult", "compress", "reconstruct", "CompressionReport", "save", "load",
+    "LayerStatistics", "LayerGeometry",
     "ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize", "FixedSupport",
     "LossSpec", "ActivationSpec", "fskd", "baselines", "backends", "BackendUnavailable",
 ]
