@@ -39,6 +39,8 @@ from setuptools.command.build_ext import build_ext
 PACKAGES = ["cdfast", "cdfast.layer", "cdfast.layer.solvers", "cdfast.model", "cdfast.experiments",
             "cdfast._backends", "cdfast.kernels"]
 PACKAGE_DIR = {"cdfast": "cdfast", "cdfast.kernels": "kernels"}
+# The demo's teacher (cdfast.experiments.train.SHIPPED_TEACHER) travels with the package.
+PACKAGE_DATA = {"cdfast.experiments": ["assets/*.safetensors"]}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
@@ -104,10 +106,15 @@ def _cuda_libdir(home: str) -> str:
     raise RuntimeError(f"no libcudart_static.a under {home} (lib64/, lib/, targets/*/lib)")
 
 
-def gencode_flags(spec: str | None = None) -> list[str]:
-    """``CDFAST_CUDA_ARCHS`` → nvcc ``-gencode`` flags."""
+def cuda_targets(spec: str | None = None) -> list[str]:
+    """``CDFAST_CUDA_ARCHS`` → canonical targets: ``sm_80`` (machine code), ``compute_90`` (PTX).
+
+    ``sm_90+ptx`` gives both ``sm_90`` and ``compute_90``. The list is compiled into
+    ``cdfast._cuda`` (its ``targets``), so the backend can tell at run time whether a
+    device has a kernel.
+    """
     spec = spec if spec is not None else os.environ.get("CDFAST_CUDA_ARCHS", DEFAULT_ARCHS)
-    flags = []
+    targets = []
     for item in re.split(r"[;,\s]+", spec.strip()):
         if not item:
             continue
@@ -116,14 +123,19 @@ def gencode_flags(spec: str | None = None) -> list[str]:
             raise RuntimeError(f"CDFAST_CUDA_ARCHS: cannot read {item!r} (expected e.g. sm_90, 90a, compute_90)")
         kind, major, minor, suffix, ptx = m.groups()
         num = major + (minor or "") + (suffix or "")
-        if kind == "compute_":
-            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
-        else:
-            flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
-            if ptx:
-                flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
-    if not flags:
+        new = [f"compute_{num}"] if kind == "compute_" else [f"sm_{num}"] + ([f"compute_{num}"] if ptx else [])
+        targets += [t for t in new if t not in targets]
+    if not targets:
         raise RuntimeError("CDFAST_CUDA_ARCHS: no architecture given")
+    return targets
+
+
+def gencode_flags(spec: str | None = None) -> list[str]:
+    """``CDFAST_CUDA_ARCHS`` → nvcc ``-gencode`` flags."""
+    flags = []
+    for t in cuda_targets(spec):
+        kind, _, num = t.partition("_")
+        flags += ["-gencode", f"arch=compute_{num},code={t}"]
     return flags
 
 
@@ -207,6 +219,7 @@ def extensions():
         libraries=["cudart_static", "rt", "pthread", "dl"],
         language="c++",
         extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden"],
+        define_macros=[("CDFAST_CUDA_TARGETS", '"' + " ".join(cuda_targets()) + '"')],
         extra_link_args=["-Wl,--strip-debug"] if sys.platform.startswith("linux") else [],
         depends=CUDA_DEPENDS,
     )
@@ -215,4 +228,5 @@ def extensions():
     return exts
 
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=extensions(),
+      cmdclass={"build_ext": BuildExt})

@@ -45,7 +45,8 @@ def run(quick: bool = False, steps: int = 600, repeats: int = 3) -> list[dict]:
                 ts = []
                 for _ in range(1 if quick else repeats):
                     t0 = time.perf_counter()
-                    r = cdfast.distill_layer(layer, statistics=stats, compression=comp(), steps=20 if quick else steps,
+                    r = cdfast.distill_layer(layer, statistics=stats, compression=comp(), solver="adam",
+                                             steps=20 if quick else steps,
                                              backend=backend)
                     ts.append(time.perf_counter() - t0)
                 times[backend], losses[backend] = statistics.median(ts), r.loss_after

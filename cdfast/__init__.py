@@ -8,9 +8,12 @@ docs/ARCHITECTURE.md for the layout.
 Public API:
     distill_layer, DistillResult          compress one layer
     compress, CompressionReport           compress a whole network from a few samples
+    reconstruct                           refit a student another tool compressed
+    save, load                            a compressed network to one small file and back
     LayerStatistics                       streaming Gram statistics of a layer
     ChannelPrune, WeightPrune, NMSparsity,
-    GroupLasso, L1, Quantize              compression constraints
+    GroupLasso, L1, Quantize,
+    FixedSupport                          compression constraints (FixedSupport: a given support)
     LossSpec, ActivationSpec              the loss family
     fskd                                  FSKD's closed-form recovery (cdfast.fskd.fskd)
     baselines                             the paper's baselines (loaded on first use)
@@ -18,15 +21,16 @@ Public API:
 """
 from . import _backends  # noqa: F401  (registers every backend's implementations with the dispatcher)
 from .dispatch import BackendUnavailable, backends
-from .layer import (L1, ActivationSpec, ChannelPrune, DistillResult, GroupLasso, LayerGeometry, LayerStatistics,
+from .layer import (L1, ActivationSpec, ChannelPrune, DistillResult, FixedSupport, GroupLasso, LayerGeometry, LayerStatistics,
                     LossSpec, NMSparsity, Quantize, WeightPrune, distill_layer)
-from .model import CompressionReport, compress, fskd
+from .model import CompressionReport, compress, fskd, load, reconstruct, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "distill_layer", "DistillResult", "compress", "CompressionReport", "LayerStatistics", "LayerGeometry",
-    "ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize",
+    "distill_layer", "DistillResult", "compress", "reconstruct", "CompressionReport", "save", "load",
+    "LayerStatistics", "LayerGeometry",
+    "ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize", "FixedSupport",
     "LossSpec", "ActivationSpec", "fskd", "baselines", "backends", "BackendUnavailable",
 ]
 

@@ -44,10 +44,13 @@ def check_pair(geometry: LayerGeometry, h_teacher, h_student) -> None:
         if h_teacher.dim() != 4 or h_teacher.shape[1] != geometry.in_channels:
             raise ValueError(f"h_teacher: expected N×{geometry.in_channels}×H×W for this Conv2d, "
                              f"got shape {tuple(h_teacher.shape)}")
+        # output_hw counts the padding: a 7×7 conv padded by 3 takes a 1×1 input.
         ho, wo = geometry.output_hw(h_teacher.shape[2], h_teacher.shape[3])
         if ho < 1 or wo < 1:
-            raise ValueError(f"h_teacher: spatial size {tuple(h_teacher.shape[2:])} is smaller than the "
-                             f"layer's receptive field")
+            padded = tuple(s + 2 * p for s, p in zip(h_teacher.shape[2:], geometry.padding))
+            span = tuple(d * (k - 1) + 1 for d, k in zip(geometry.dilation, geometry.kernel_size))
+            raise ValueError(f"h_teacher: spatial size {tuple(h_teacher.shape[2:])} (padded by "
+                             f"{geometry.padding}: {padded}) is smaller than the layer's receptive field {span}")
     else:
         if h_teacher.dim() < 2 or h_teacher.shape[-1] != geometry.in_channels:
             raise ValueError(f"h_teacher: expected N×{geometry.in_channels} for this Linear, "
@@ -87,3 +90,35 @@ def check_positive_float(name: str, v) -> float:
     if v == 0.0:
         raise ValueError(f"{name}: expected a value > 0, got 0")
     return v
+
+
+def check_bool(name: str, v, allow_none: bool = False):
+    if v is None and allow_none:
+        return v
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected True or False, got {v!r}")
+    return v
+
+
+def check_unit_interval(name: str, v, upper_open: bool = True) -> float:
+    """A number in [0, 1) (or [0, 1] when ``upper_open`` is False)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1), got {type(v).__name__}")
+    v = float(v)
+    ok = (0.0 <= v < 1.0) if upper_open else (0.0 <= v <= 1.0)
+    if not ok:
+        raise ValueError(f"{name}: expected a value in {'[0, 1)' if upper_open else '[0, 1]'}, got {v}")
+    return v
+
+
+def check_dtype(name: str, v, allowed=(torch.float32, torch.float64)) -> torch.dtype:
+    if v not in allowed:
+        raise TypeError(f"{name}: expected one of {', '.join(str(d) for d in allowed)}, got {v!r}")
+    return v
+
+
+def check_finite_module(name: str, module) -> None:
+    """The teacher layer's parameters: NaN or Inf would make every result NaN."""
+    for pname, p in module.named_parameters(recurse=False):
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{name}: its {pname} contains NaN or Inf")

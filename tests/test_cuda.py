@@ -14,7 +14,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sysconfig
 
 import pytest
 import torch
@@ -22,11 +21,8 @@ import torch.nn as nn
 
 import cdfast
 from cdfast import dispatch
-from cdfast.layer.plan import ConstraintPlan
-from cdfast.layer.geometry import LayerGeometry
-from cdfast.layer.losses import LossSpec, Quadratic
 from cdfast.layer.solvers import SolverConfig, gram_iterative
-from cdfast.layer.statistics import LayerStatistics
+from cuda_cases import build_emulation, make_problem
 from helpers import PRUNE_AND_QUANTIZE, prune_quantize_ratio
 
 cuda_backend = pytest.importorskip("cdfast._backends.cuda")
@@ -41,29 +37,6 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason=f"cuda backend unavailable: {CUDA_R
 
 
 # ------------------------------------------------------------------ problems
-def make_problem(compression, *, cin=12, cout=70, k=3, groups=1, fit_bias=False, dtype=torch.float64,
-                 steps=12, solver="adam", lr=1e-2, loss="nc", device="cpu", seed=0):
-    """A conv layer's quadratic, two fresh plans (torch, kernel) and the solver settings."""
-    g = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups).to(dtype)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=dtype) * 0.1)
-        conv.bias.copy_(torch.randn(conv.bias.shape, generator=g, dtype=dtype) * 0.1)
-    conv = conv.to(device)
-    h_t = torch.randn(4, cin, 6, 5, generator=g, dtype=dtype).to(device)
-    h_s = h_t + 0.3 * torch.randn(h_t.shape, generator=g, dtype=dtype).to(device)
-    geo = LayerGeometry.of(conv)
-    stats = LayerStatistics(conv, dtype=dtype, fit_bias=fit_bias, backend="torch")
-    stats.update(h_t, h_s)
-    anchor = geo.weight_matrix(conv.weight.detach(), conv.bias.detach() if fit_bias else None)
-    quad = Quadratic.from_statistics(stats, LossSpec(loss, 0.6, 0.5, 0.5, "linear", None), anchor, dtype=dtype)
-    cfg = SolverConfig(solver=solver, steps=steps, lr=lr, log_every=1)
-
-    def plan():
-        return ConstraintPlan(compression, geo, steps, anchor.shape[-1], device, dtype, backend="torch")
-    return quad, plan(), plan(), cfg
-
-
 def assert_same_solve(quad, p_ref, p_ker, cfg, ext, max_blocks=0, rtol=1e-10, atol=1e-12, hist_rtol=1e-10):
     W_ref, h_ref = gram_iterative(quad, p_ref, cfg)
     W_ker, h_ker = cuda_backend.solve(quad, p_ker, cfg, ext=ext, max_blocks=max_blocks)
@@ -114,28 +87,12 @@ def test_cu_sources_compile_with_nvcc(source, tmp_path):
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
     """csrc/emu_bindings.cpp built with the host compiler (C++20) into a temp dir."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
     try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed")
-    out_dir = tmp_path_factory.mktemp("cuda_emu")
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = out_dir / f"cdfast_cuda_emu{suffix}"
-    cmd = [cxx, "-std=c++20", "-O2", "-g0", "-shared", "-fPIC", "-pthread", f"-I{CSRC}",
-           f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-           os.path.join(CSRC, "emu_bindings.cpp"), "-o", str(target)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 and "c++20" in r.stderr.lower():
-        pytest.skip(f"the host compiler lacks C++20: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("cdfast_cuda_emu", target)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.emulated is True
-    return mod
+        return build_emulation(tmp_path_factory.mktemp("cuda_emu"))
+    except RuntimeError as exc:
+        if "c++20" in str(exc).lower() or "compiler" in str(exc) or "pybind11" in str(exc):
+            pytest.skip(str(exc)[-300:])
+        raise
 
 
 EMU_CASES = [
@@ -269,3 +226,108 @@ def test_emulated_prune_and_quantize_ends_clearly_below_naive(emu, compression):
     def solve(quad, plan, cfg):
         return cuda_backend.solve(quad, plan, cfg, ext=emu, max_blocks=2)
     assert prune_quantize_ratio(solve, compression, steps=120) < 0.3
+
+
+# ------------------------------------------------------------------ devices without a kernel
+@pytest.mark.parametrize("capability,target", [
+    ((7, 0), None), ((7, 5), None),                  # V100, T4: no sm_7x code, PTX needs 9.0
+    ((8, 0), "sm_80"), ((8, 6), "sm_80"), ((8, 9), "sm_80"),   # sm_80 SASS runs on every 8.x
+    ((9, 0), "sm_90"),                               # machine code before PTX
+    ((10, 0), "compute_90"), ((12, 0), "compute_90"),  # later majors: the driver compiles the PTX
+])
+def test_kernel_target_of_the_default_build(capability, target):
+    assert cuda_backend.kernel_target(capability, ("sm_80", "sm_90", "sm_90a", "compute_90")) == target
+
+
+def test_kernel_target_arch_specific_and_ptx_only():
+    assert cuda_backend.kernel_target((9, 0), ("sm_90a",)) == "sm_90a"
+    assert cuda_backend.kernel_target((10, 0), ("sm_90a",)) is None    # 'a' code runs on 9.0 only
+    assert cuda_backend.kernel_target((8, 6), ("sm_86",)) == "sm_86"
+    assert cuda_backend.kernel_target((8, 0), ("sm_86",)) is None      # not backwards
+    assert cuda_backend.kernel_target((8, 6), ("compute_80",)) == "compute_80"
+    assert cuda_backend.kernel_target((7, 5), ("compute_80",)) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cdfast._cuda") is None, reason="cdfast._cuda is not built")
+def test_the_built_extension_says_which_targets_it_carries():
+    targets = cuda_backend.build_targets()
+    assert targets and all(t.startswith(("sm_", "compute_")) for t in targets), targets
+
+
+class _FakeDevice:
+    """A CUDA extension and device as a T4 (or an H100) would show them, for the probe."""
+
+    def __init__(self, capability):
+        self.capability = capability
+        self.targets = "sm_80 sm_90 sm_90a compute_90"
+        self.emulated = False
+
+    def device_count(self):
+        return 1, ""
+
+
+def _fake_gpu(monkeypatch, capability):
+    monkeypatch.setattr(cuda_backend, "_ext", _FakeDevice(capability))
+    monkeypatch.setattr(cuda_backend, "_probe_cache", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla T4" if capability < (8, 0) else "H100")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_a_device_without_a_kernel_makes_the_backend_unavailable(monkeypatch):
+    _fake_gpu(monkeypatch, (7, 5))
+    reason = cdfast.backends()["cuda"]
+    assert "compute capability 7.5" in reason and "sm_80" in reason and "CDFAST_CUDA_ARCHS=sm_75" in reason
+    name, _ = dispatch.resolve("gram_solve", "cuda")  # auto: never the backend that cannot run
+    assert name != "cuda"
+    with pytest.raises(dispatch.BackendUnavailable, match="compute capability 7.5"):
+        dispatch.resolve("gram_solve", "cuda", backend="cuda", strict=True)
+    with pytest.warns(RuntimeWarning, match="compute capability 7.5"):
+        monkeypatch.setattr(dispatch, "_WARNED", set())
+        assert dispatch.resolve("gram_solve", "cuda", backend="cuda", strict=False)[0] == "torch"
+    with pytest.raises(dispatch.Unsupported, match="compute capability 7.5"):  # per call, per device
+        cuda_backend._check_device(torch.device("cuda", 0), cuda_backend._ext)
+
+
+def test_a_device_with_a_kernel_keeps_the_backend(monkeypatch):
+    _fake_gpu(monkeypatch, (9, 0))
+    assert cuda_backend._probe() is None
+    cuda_backend._check_device(torch.device("cuda", 0), cuda_backend._ext)  # no error
+
+
+class _FailingLaunch:
+    """The emulation, except that its launches fail as the CUDA runtime would."""
+
+    def __init__(self, emu, message):
+        self._emu, self.message = emu, message
+
+    def __getattr__(self, name):
+        return getattr(self._emu, name)
+
+    def gram_solve(self, args):
+        raise RuntimeError(self.message)
+
+
+@pytest.mark.parametrize("message", [
+    "cudaLaunchCooperativeKernel(gram_kernel): cudaErrorNoKernelImageForDevice (no kernel image is available "
+    "for execution on the device)",
+    "gram_kernel launch: too many resources requested for launch",
+    "cudaLaunchCooperativeKernel(gram_kernel): cudaErrorCooperativeLaunchTooLarge (too many blocks in "
+    "cooperative launch)",
+    "the device does not support cooperative launches",
+])
+def test_launch_errors_that_mean_unsupported_fall_back_to_torch(emu, message):
+    ext = _FailingLaunch(emu, message)
+    quad, p_ref, p_ker, cfg = make_problem(cdfast.ChannelPrune(0.5))
+    with pytest.raises(dispatch.Unsupported, match="cannot run on this device"):
+        cuda_backend.solve(quad, p_ker, cfg, ext=ext)
+
+
+def test_other_launch_errors_are_not_hidden(emu):
+    ext = _FailingLaunch(emu, "gram_kernel launch: cudaErrorIllegalAddress (an illegal memory access was "
+                              "encountered)")
+    quad, _, plan, cfg = make_problem(None)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cuda_backend.solve(quad, plan, cfg, ext=ext)

@@ -293,6 +293,20 @@ def test_counts_tiny_model_by_hand():
     assert count_parameters(m, trainable_only=True) == 36 + 51
     with pytest.raises(ValueError, match="input_shape"):
         count_flops(m, (1, 0, 4))
+    assert count_flops(m, (1, 1, 4, 4), batched=True) == 2 * (288 + 144 + 48)
+
+
+def test_counts_and_compresses_a_model_on_flat_features():
+    # an MLP reads (N, features): one sample's shape has rank 1, a sequence's rank 2
+    mlp = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert count_flops(mlp, (7,)) == 2 * (7 * 6 + 6 * 3)
+    assert count_flops(mlp, (1, 5, 7), batched=True) == 2 * 5 * (7 * 6 + 6 * 3)  # 5 positions of one sequence
+    import cdfast
+    torch.manual_seed(0)
+    student, report = cdfast.compress(mlp, torch.randn(40, 7), compression=cdfast.ChannelPrune(0.5),
+                                      policy="all", progress=False, verbose=False)
+    assert report.flops_before == 2 * (7 * 6 + 6 * 3)
+    assert report.flops_after == count_flops(student, (7,)) < report.flops_before
 
 
 def test_counts_resnet20_by_hand():

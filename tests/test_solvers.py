@@ -461,3 +461,41 @@ def test_data_form_quantization_ends_no_worse_than_naive(bits, kw):
                                **kw)
     assert res.form == "data"
     assert res.loss_after <= res.loss_before * (1 + 1e-6), (res.loss_after, res.loss_before)
+
+
+# ------------------------------------------------------------------- loss="auto"
+@pytest.mark.parametrize("rows,noise,winner", [(24, 0.3, "cross"), (400, 1.0, "nc")])
+def test_auto_loss_follows_the_better_of_nc_and_cross_on_held_out_samples(rows, noise, winner):
+    """Few rows and a mild drift favour crossing, many rows and a strong one favour nc; the
+    held-out choice follows, judged on fresh samples by the nc error (the student's output
+    on its drifted input against the teacher's on the clean one)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 24, bias=False).double()
+    draw = _spectrum_sampler(96, 4)
+
+    def pair(n):
+        x = draw(n)
+        return x, x + noise * draw(n)
+
+    x_t, x_s = pair(rows)
+    xh_t, xh_s = pair(4096)
+
+    def held_out(res):
+        return float((xh_s @ res.weight.T - xh_t @ lin.weight.detach().T).pow(2).mean())
+
+    kw = dict(compression=cdfast.ChannelPrune(0.5), solver="exact", stats_dtype=torch.float64)
+    errs = {name: held_out(cdfast.distill_layer(lin, x_t, x_s, loss=name, mu=0.9, **kw)) for name in ("nc", "cross")}
+    assert min(errs, key=errs.get) == winner and max(errs.values()) > 1.04 * min(errs.values())  # a real choice
+    auto = cdfast.distill_layer(lin, x_t, x_s, loss="auto", **kw)
+    assert auto.loss_choice is not None and auto.loss_choice.rule == "held-out" and auto.loss in str(auto.loss_choice)
+    assert held_out(auto) <= 1.01 * min(errs.values()), (auto.loss, held_out(auto), errs)
+
+
+def test_auto_loss_falls_back_to_the_rows_per_column_rule():
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    few = torch.randn(1, 8, 3, 3)  # one sample: nothing to hold out; M/D = 9/72
+    res = cdfast.distill_layer(conv, few, few + 0.1, loss="auto", compression=cdfast.ChannelPrune(0.5))
+    assert res.loss == "cross(mu=0.9)" and res.loss_choice.rule.startswith("M/D")
+    many = torch.randn(40, 8, 6, 6)
+    res = cdfast.distill_layer(conv, many, many + 0.1, loss="auto", solver="adam", steps=5)
+    assert res.loss == "nc" and res.loss_choice.rule.startswith("M/D")

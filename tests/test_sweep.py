@@ -207,6 +207,23 @@ def test_exact_history_is_the_loss_and_constraints_hold(comp, fit_bias):
         assert torch.allclose(codes, codes.round(), atol=1e-9) and codes.abs().max() <= L
 
 
+@pytest.mark.parametrize("extra", [cdfast.WeightPrune(0.5), cdfast.Quantize(3)], ids=str)
+def test_sweeps_stay_inside_a_fixed_support(extra):
+    """The budget's mask, its exchanges and the rounding sweep never use a weight a FixedSupport removed;
+    the weight budget counts the supported weights."""
+    torch.manual_seed(8)
+    conv = nn.Conv2d(8, 6, 3, padding=1).double()
+    h = torch.randn(6, 8, 6, 6, dtype=F64)
+    fixed = torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.6
+    res = cdfast.distill_layer(conv, h, h + 0.2 * torch.randn_like(h), solver="exact", stats_dtype=F64,
+                               compression=[cdfast.FixedSupport(mask=fixed), extra])
+    assert not res.mask[~fixed].any() and not res.weight[~fixed].any()
+    if isinstance(extra, cdfast.WeightPrune):
+        assert int(res.mask.sum()) == int(0.5 * int(fixed.sum()))
+    else:
+        assert torch.equal(res.mask, fixed) and res.loss_after < res.loss_before
+
+
 def test_sweeps_damp_by_the_unseen_energy_with_few_rows():
     lin = nn.Linear(64, 8, bias=False).double()
     x = torch.randn(20, 64, dtype=F64) @ torch.randn(64, 64, dtype=F64)

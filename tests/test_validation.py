@@ -69,3 +69,19 @@ def test_device_mismatch_is_an_error():
     meta = torch.empty(2, 4, 6, 6, device="meta")
     with pytest.raises((ValueError, TypeError), match="h_"):
         cdfast.distill_layer(conv, meta, meta)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 4, 7, padding=3, groups=4), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                                  nn.Conv2d(4, 6, 5, padding="same")])
+def test_padded_layer_takes_a_one_pixel_input(conv):
+    """The receptive-field check counts the padding (ConvNeXt's depthwise 7×7 at 1×1)."""
+    h = torch.randn(6, 4, 1, 1)
+    res = cdfast.distill_layer(conv, h, h + 0.1 * torch.randn_like(h), compression=cdfast.Quantize(4),
+                               solver="exact")
+    assert res.weight.shape == conv.weight.shape and torch.isfinite(res.weight).all()
+
+
+def test_input_smaller_than_the_padded_receptive_field():
+    h = torch.randn(2, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"padded by \(0, 0\).*receptive field \(2, 2\)"):
+        cdfast.distill_layer(nn.Conv2d(4, 4, 2, stride=2), h, h)

@@ -12,7 +12,7 @@
 #    --no-deps;
 # 4. from a directory outside the repository: `import cdfast` must come from the
 #    venv, cdfast.backends() must show cpp available and cuda available with a GPU,
-#    else a reason; cdfast._cuda must import.
+#    else a reason; cdfast._cuda must import; the shipped teacher (package data) must load.
 # Exits non-zero on any failure. PYTHON selects the interpreter (default python3).
 set -euo pipefail
 
@@ -59,7 +59,8 @@ for mod in want:
     if not hits:
         sys.exit(f"{mod}: no extension module in the wheel")
     print(f"check_wheel:   {hits[0]}")
-for must in ("cdfast/__init__.py", "cdfast/layer/distill.py", "cdfast/model/compress.py", "cdfast/_backends/cpp.py", "cdfast/_backends/cuda.py", "cdfast/kernels/__init__.py"):
+for must in ("cdfast/__init__.py", "cdfast/layer/distill.py", "cdfast/model/compress.py", "cdfast/_backends/cpp.py", "cdfast/_backends/cuda.py", "cdfast/kernels/__init__.py",
+             "cdfast/model/export.py", "cdfast/experiments/assets/resnet20-fashion-mnist.safetensors"):
     if must not in names:
         sys.exit(f"{must}: missing from the wheel")
 EOF
@@ -67,6 +68,10 @@ EOF
 step "creating a venv with --system-site-packages"
 "$PY" -m venv --system-site-packages "$WORK/venv" || fail "venv creation"
 VPY="$WORK/venv/bin/python"
+# When $PY is itself a venv, --system-site-packages reaches only the base interpreter's
+# packages: point the new venv at $PY's (torch and the rest) too.
+"$PY" -c "import site, sys; print('\n'.join(site.getsitepackages()))" \
+  > "$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/outer-site-packages.pth"
 "$VPY" -m pip install --no-index --no-deps --force-reinstall --quiet "$WHEEL" > "$WORK/install.log" 2>&1 \
   || { cat "$WORK/install.log" >&2; fail "pip install of the wheel"; }
 
@@ -104,5 +109,9 @@ from cdfast._backends import cpp
 w = torch.randn(5, 37, dtype=torch.float64)
 assert torch.equal(cpp.topk_mask(w, 61), C.topk_mask(w, 61))
 print("check_wheel:   cpp top-k agrees with torch")
+# the demo's teacher is package data: it must come with the wheel
+from cdfast.experiments.train import shipped_teacher
+model, info = shipped_teacher()
+print(f"check_wheel:   shipped teacher: {info['model']}, {info['test_accuracy']}% ({info['command']})")
 EOF
 step "OK in $((SECONDS - t0)) s"

@@ -12,18 +12,25 @@
     top-k ties are broken by a fixed order (lowest channel index).
 
 The extension is linked against the static CUDA runtime, so it imports where no
-GPU is; the probe then says why the backend cannot run. Combinations the kernel
-does not cover raise :class:`~cdfast.dispatch.Unsupported` (the torch path runs).
+GPU is; the probe then says why the backend cannot run. It also compares each
+device's compute capability with the targets the build carries (``setup.py``'s
+``CDFAST_CUDA_ARCHS``, by default machine code for sm_80 and sm_90 and PTX for
+compute_90): a V100 or a T4 has no kernel, so ``backend="auto"`` never picks this
+backend there. Combinations the kernel does not cover, a device without a kernel,
+and launch errors that mean the same (:data:`UNSUPPORTED_LAUNCH_ERRORS`) raise
+:class:`~cdfast.dispatch.Unsupported`: the dispatcher runs the torch path, or raises
+``BackendUnavailable`` in strict mode.
 """
 from __future__ import annotations
 
-import math
+import re
 
 import torch
 
 from .. import dispatch
 from ..dispatch import Unsupported, register
 from ..layer.constraints import L1, GroupLasso
+from ..layer.losses import robust_cholesky
 from ..layer.solvers.iterative import history_steps
 
 _ext = None
@@ -35,6 +42,71 @@ except ImportError as exc:  # built without nvcc, or a source checkout
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _probe_cache: list = []
+
+#: What the CUDA runtime says when a kernel cannot run on a device (no machine code
+#: or PTX for its compute capability, too many registers or blocks for it, a driver
+#: too old for the PTX): the torch path runs instead. These errors are not sticky —
+#: nothing was launched — so the CUDA context stays usable. Names and messages both,
+#: since the launchers report either.
+UNSUPPORTED_LAUNCH_ERRORS = (
+    "cudaErrorNoKernelImageForDevice", "no kernel image is available",
+    "cudaErrorInvalidDeviceFunction", "invalid device function",
+    "cudaErrorInvalidKernelImage", "device kernel image is invalid",
+    "cudaErrorLaunchOutOfResources", "too many resources requested",
+    "cudaErrorCooperativeLaunchTooLarge", "too many blocks in cooperative launch",
+    "cudaErrorUnsupportedPtxVersion", "PTX was compiled with an unsupported toolchain",
+    "cudaErrorJitCompilerNotFound", "PTX JIT compiler library not found",
+    "does not support cooperative launches", "does not fit on one multiprocessor",
+)
+
+
+def build_targets(ext=None) -> tuple[str, ...]:
+    """The GPU targets the extension was compiled for, e.g. ``("sm_80", "sm_90", "sm_90a", "compute_90")``.
+
+    ``setup.py`` records them (``CDFAST_CUDA_ARCHS``); empty when unknown.
+    """
+    ext = _ext if ext is None else ext
+    return tuple(t for t in str(getattr(ext, "targets", "")).split() if t)
+
+
+def kernel_target(capability: tuple[int, int], targets) -> str | None:
+    """Which of ``targets`` runs on a device of compute ``capability``, or None.
+
+    Machine code ``sm_XY`` runs on devices ``X.Z`` with ``Z >= Y`` (same major);
+    ``sm_XYa`` only on ``X.Y``; ``sm_XYf`` on its family (``X.Z``, ``Z >= Y``).
+    PTX ``compute_XY`` is compiled by the driver for any device of capability at
+    least ``X.Y`` (``compute_XYa`` only for ``X.Y``). Machine code is preferred.
+    """
+    major, minor = capability
+    sass, ptx = None, None
+    for t in targets:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", t)
+        if not m:
+            continue
+        kind, tmaj, tmin, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if suffix == "a":
+            fits = (major, minor) == (tmaj, tmin)
+        elif kind == "sm":
+            fits = major == tmaj and minor >= tmin
+        else:
+            fits = (major, minor) >= (tmaj, tmin)
+        if fits and kind == "sm":
+            sass = sass or t
+        elif fits:
+            ptx = ptx or t
+    return sass or ptx
+
+
+def _device_reason(index: int, targets) -> str | None:
+    """Why device ``index`` cannot run this build's kernels, or None."""
+    if not targets:
+        return None  # an extension that does not say: the launch decides (and maps its error)
+    cap = torch.cuda.get_device_capability(index)
+    if kernel_target(cap, targets) is None:
+        return (f"cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability {cap[0]}.{cap[1]}, "
+                f"and this build of cdfast carries kernels for {', '.join(targets)} only (rebuild with "
+                f"CDFAST_CUDA_ARCHS=sm_{cap[0]}{cap[1]})")
+    return None
 
 
 def _probe() -> str | None:
@@ -49,12 +121,34 @@ def _probe() -> str | None:
         elif not torch.cuda.is_available():
             reason = "this torch has no CUDA support (torch.cuda.is_available() is False)"
         else:
-            reason = None
+            # usable when one visible device has a kernel; solve() checks the device of each call
+            reasons = [_device_reason(i, build_targets()) for i in range(torch.cuda.device_count())]
+            reason = None if any(r is None for r in reasons) else "; ".join(reasons)
         _probe_cache.append(reason)
     return _probe_cache[0]
 
 
 dispatch.register_probe("cuda", _probe)
+
+
+def _check_device(device: torch.device, ext) -> None:
+    """Raise :class:`Unsupported` when the tensors' device has no kernel in this build."""
+    if getattr(ext, "emulated", False):
+        return
+    why = _device_reason(device.index if device.index is not None else torch.cuda.current_device(),
+                         build_targets(ext))
+    if why is not None:
+        raise Unsupported(why)
+
+
+def _launch(fn, args: dict):
+    """Run a launcher of the extension; a "cannot run here" error becomes :class:`Unsupported`."""
+    try:
+        return fn(args)
+    except RuntimeError as exc:
+        if any(s in str(exc) for s in UNSUPPORTED_LAUNCH_ERRORS):
+            raise Unsupported(f"the CUDA kernel cannot run on this device: {exc}") from exc
+        raise
 
 
 # ------------------------------------------------------------------ gram_solve
@@ -104,6 +198,7 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     device = A.device
     if not emulated and device.type != "cuda":
         raise ValueError(f"quad: the cuda backend runs on CUDA tensors, got device {device}")
+    _check_device(device, ext)
     if H.device != device or Fm.device != device:
         raise ValueError("quad: H, F and the anchor must be on one device")
     if A.dim() != 3 or H.shape != (A.shape[0], A.shape[2], A.shape[2]) or Fm.shape != A.shape:
@@ -123,7 +218,7 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     gl = next((p for p in plan.penalties if isinstance(p, GroupLasso)), None)
     l1_first = int(l1 is not None and gl is not None and plan.penalties.index(l1) < plan.penalties.index(gl))
 
-    W = A.clone()
+    W = (A * plan.mask).contiguous()
     Wb = torch.empty_like(W)
     m = torch.zeros_like(W)
     v = torch.zeros_like(W) if cfg.solver == "adam" else None
@@ -164,9 +259,9 @@ def solve(quad, plan, cfg, ext=None, max_blocks: int = 0):
     if not emulated:
         with torch.cuda.device(device):
             args["stream"] = torch.cuda.current_stream(device).cuda_stream
-            ext.gram_solve(args)
+            _launch(ext.gram_solve, args)
     else:
-        ext.gram_solve(args)
+        _launch(ext.gram_solve, args)
     del keep  # the launch is stream-ordered: the caching allocator keeps the memory safe
 
     # Results and the plan's state, as gram_iterative leaves them.

@@ -385,7 +385,7 @@ class TritonGramEngine(TorchGramEngine):
                                    dtype=torch.float32, device=self.dev)
         g = plan.geometry
         self.norms = torch.zeros(g.groups, g.group_in, dtype=torch.float32, device=self.dev)
-        self._set_quad(quad, quad.anchor.clone(), None, None)
+        self._set_quad(quad, quad.anchor * plan.mask, None, None)
         self._fuse = False
         self.steady_from = plan.schedule.final_from + 1 if plan.schedule.final_from else 0
         self.use_graphs = _graphs_wanted(self.dev) and plan.quant is None

@@ -35,7 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.compress import _policy
+from ..layer.constraints import ChannelPrune
+from ..model.compress import plan_policy
+from ..model.graph import ModelGraph
 from .models import count_flops, count_parameters
 from ..layer.statistics import LayerStatistics
 from ..model.surgery import shrink_channels
@@ -76,9 +78,14 @@ def _split(data, labels, batch_size):
 
 
 def _compressed_layers(teacher, example, policy):
+    """The convs whose input channels the policy prunes: the only reader of a channel group
+    that :func:`cdfast.compress` would prune (``shrink_channels`` removes one producer's
+    channels per consumer)."""
     order, leaves = execution_order(teacher, example)
-    actions = _policy(policy, order, teacher)
-    names = [n for n in order if actions[n] == "compress" and isinstance(teacher.get_submodule(n), nn.Conv2d)
+    graph = ModelGraph(copy.deepcopy(teacher).eval(), example)
+    _, _, keep = plan_policy(policy, order, graph, (ChannelPrune(0.5),), {}, False)
+    readers = {g.consumers[0] for g in graph.groups if g.root in keep and len(g.consumers) == 1}
+    names = [n for n in order if n in readers and isinstance(teacher.get_submodule(n), nn.Conv2d)
              and teacher.get_submodule(n).groups == 1]
     return names, leaves
 
@@ -346,7 +353,6 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
     info: dict = {"method": method, "keep": keep, "policy": policy}
     if method in ("nc", "cross", "soft"):
         from ..model.compress import compress
-        from ..layer.constraints import ChannelPrune
 
         ckw = dict(progress=False, verbose=False)
         if steps is not None:

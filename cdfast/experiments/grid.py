@@ -75,23 +75,27 @@ def _run_method(method: str, task: str, model_name: str, teacher: nn.Module, x: 
     return student
 
 
-def naive_compress(teacher: nn.Module, comp) -> nn.Module:
+def naive_compress(teacher: nn.Module, comp, layers: list[str] | None = None) -> nn.Module:
     """The constraint applied to the teacher's weights with no fitting: magnitude
-    pruning, or rounding to the grid with a max-abs per-channel scale. The first
-    conv is kept, as in the fitted runs."""
+    pruning, or rounding to the grid with a max-abs per-channel scale. ``layers``
+    names the Conv2d/Linear layers to compress (default: every conv but the first,
+    as in the fitted runs)."""
     import copy
 
     from ..layer.constraints import quantize, topk_mask
 
     student = copy.deepcopy(teacher)
-    convs = [m for m in student.modules() if isinstance(m, nn.Conv2d)]
+    if layers is None:
+        convs = [m for m in student.modules() if isinstance(m, nn.Conv2d)][1:]
+    else:
+        convs = [student.get_submodule(n) for n in layers]
     with torch.no_grad():
-        for conv in convs[1:]:
+        for conv in convs:
             w = conv.weight
             if isinstance(comp, WeightPrune):
                 w.mul_(topk_mask(w.abs(), int(comp.density * w.numel() + 1e-9)))
             else:
-                scale = w.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                scale = w.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (w.dim() - 1))
                 w.copy_(quantize(w, scale, comp.bits)[1])
     return student
 

@@ -10,8 +10,8 @@ matrix is singular and ``nc``'s fit is underdetermined, which is the paper's reg
 :func:`crossing_study` compresses one teacher with ``nc`` and with ``cross`` from the
 same K-shot draws, then measures on held-out images, for every layer, the relative
 drift of the student's layer output from the teacher's,
-``‖Y^S_l − Y^T_l‖² / ‖Y^T_l‖²``, and reports it beside ``M/D``. Models are left
-masked (not shrunk) so both students' layers have the teacher's shapes.
+``‖Y^S_l − Y^T_l‖² / ‖Y^T_l‖²``, and reports it beside ``M/D``. A layer whose output
+channels were removed is compared on the teacher's channels it kept.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ BUCKETS = (0.0, 1.0, 2.0, 4.0, 16.0, 64.0)
 
 
 def layer_drift(teacher: nn.Module, student: nn.Module, x: torch.Tensor, names: list[str],
-                batch_size: int = 500) -> dict[str, float]:
-    """Relative output drift per named layer on inputs ``x``."""
+                batch_size: int = 500, kept_outputs: dict | None = None) -> dict[str, float]:
+    """Relative output drift per named layer on inputs ``x`` (``kept_outputs``: the teacher's
+    output channels a narrower student layer kept, as ``CompressionReport.kept_outputs``)."""
+    kept_outputs = kept_outputs or {}
     num = {n: 0.0 for n in names}
     den = {n: 0.0 for n in names}
     for i in range(0, len(x), batch_size):
@@ -48,6 +50,9 @@ def layer_drift(teacher: nn.Module, student: nn.Module, x: torch.Tensor, names: 
         for h in hooks:
             h.remove()
         for n in names:
+            if n in kept_outputs:
+                y = outs[("t", n)]
+                outs[("t", n)] = y.index_select(1 if y.dim() == 4 else y.dim() - 1, kept_outputs[n].to(y.device))
             num[n] += float((outs[("s", n)] - outs[("t", n)]).pow(2).sum())
             den[n] += float(outs[("t", n)].pow(2).sum())
     return {n: num[n] / max(den[n], 1e-300) for n in names}
@@ -65,9 +70,10 @@ def crossing_study(teacher: nn.Module, train_x_by_seed: dict, held_out: torch.Te
         for loss in ("nc", "cross"):
             torch.manual_seed(seed)
             student, rep = compress(teacher, x, compression=ChannelPrune(keep), loss=loss, mu=mu, solver=solver,
-                                    policy=policy, shrink=False, progress=False, verbose=False)
+                                    policy=policy, progress=False, verbose=False)
             fitted = [l for l in rep.layers if l.action != "skipped"]
-            results[loss] = (layer_drift(teacher, student, held_out, [l.name for l in fitted]), fitted)
+            results[loss] = (layer_drift(teacher, student, held_out, [l.name for l in fitted],
+                                         kept_outputs=rep.kept_outputs), fitted)
         drift_nc, fitted = results["nc"]
         drift_cross, _ = results["cross"]
         for l in fitted:

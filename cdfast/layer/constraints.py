@@ -10,6 +10,7 @@ passes one (or a list, to prune and quantize together) as ``compression=``:
 ``GroupLasso``       penalty ``λ·Σ_i ‖W[:, i]‖₂`` over input channels (proximal step)
 ``L1``               penalty ``λ·‖W‖₁`` (soft threshold)
 ``Quantize``         ``bits``-bit weights ``s·{0, ±1/L, …, ±1}``, ``L = 2^(bits−1) − 1``
+``FixedSupport``     a support given in advance: kept input channels, or a weight mask
 ==================  =================================================================
 
 The pure functions (``soft_threshold``, ``group_shrink``, ``topk_mask`` …) are the
@@ -27,7 +28,7 @@ import torch
 from .._validation import check_fraction, check_nonneg_float, check_positive_int
 from .geometry import LayerGeometry
 
-__all__ = ["ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize",
+__all__ = ["ChannelPrune", "WeightPrune", "NMSparsity", "GroupLasso", "L1", "Quantize", "FixedSupport",
            "soft_threshold", "group_shrink", "channel_norms", "topk_mask", "nm_mask",
            "quantize"]
 
@@ -118,13 +119,60 @@ class Quantize:
             raise TypeError(f"bits: expected an int in 2..8, got {type(self.bits).__name__}")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits: expected an int in 2..8, got {self.bits}")
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"per_channel: expected True or False, got {self.per_channel!r}")
 
     @property
     def levels(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
 
-CONSTRAINT_TYPES = (ChannelPrune, WeightPrune, NMSparsity, GroupLasso, L1, Quantize)
+@dataclass(frozen=True, eq=False)
+class FixedSupport:
+    """A support fixed in advance: the weights outside it are zero from the first step on.
+
+    Either ``channels``, the input channels that remain (indices over all input
+    channels; the others were removed upstream, e.g. by :func:`cdfast.compress`'s group
+    pruning or by another pruning tool), or ``mask``, a boolean tensor of the weight's
+    shape (the mask of an unstructured pruning). The layer's inputs keep the teacher's
+    width (what ``h^S`` holds in a removed channel only reaches the teacher-side terms;
+    :func:`cdfast.compress` puts ``h^T``'s value there). Combines with ``WeightPrune``
+    (whose density then counts the supported weights) and ``Quantize``.
+    """
+
+    channels: tuple[int, ...] | None = None
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.channels is None) == (self.mask is None):
+            raise ValueError("FixedSupport: expected exactly one of channels= or mask=")
+        if self.channels is not None:
+            ch = self.channels.tolist() if isinstance(self.channels, torch.Tensor) else list(self.channels)
+            if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ch) \
+                    or len(set(ch)) != len(ch):
+                raise ValueError(f"channels: expected distinct non-negative channel indices, got {ch!r}")
+            object.__setattr__(self, "channels", tuple(sorted(ch)))
+        elif not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a boolean tensor of the weight's shape, got {type(self.mask).__name__}")
+
+    def matrix_mask(self, geometry: LayerGeometry, cols: int, device) -> torch.Tensor:
+        """The support in the matrix view, ``(G, C_out/G or 1, cols)`` (a bias column is kept)."""
+        g = geometry
+        if self.mask is not None:
+            shape = (g.out_channels, g.in_channels) if g.kind == "linear" else \
+                (g.out_channels, g.group_in, *g.kernel_size)
+            if tuple(self.mask.shape) != shape:
+                raise ValueError(f"mask: expected the weight's shape {shape}, got {tuple(self.mask.shape)}")
+            m = g.weight_matrix(self.mask.to(device))
+            return torch.cat([m, torch.ones_like(m[..., :1])], -1) if cols > g.cols else m
+        if max(self.channels) >= g.in_channels:
+            raise ValueError(f"channels: index {max(self.channels)} out of range for {g.in_channels} input channels")
+        keep = torch.zeros(g.in_channels, dtype=torch.bool, device=device)
+        keep[list(self.channels)] = True
+        return expand_channels(keep.view(g.groups, g.group_in), g, cols)
+
+
+CONSTRAINT_TYPES = (ChannelPrune, WeightPrune, NMSparsity, GroupLasso, L1, Quantize, FixedSupport)
 
 
 def normalize(compression) -> tuple:
@@ -135,12 +183,15 @@ def normalize(compression) -> tuple:
     for c in items:
         if not isinstance(c, CONSTRAINT_TYPES):
             raise TypeError("compression: expected ChannelPrune, WeightPrune, NMSparsity, GroupLasso, "
-                            f"L1, Quantize or a list of them, got {type(c).__name__}")
+                            f"L1, Quantize, FixedSupport or a list of them, got {type(c).__name__}")
     masks = [c for c in items if isinstance(c, (ChannelPrune, WeightPrune, NMSparsity))]
     if len(masks) > 1:
         raise ValueError("compression: at most one of ChannelPrune, WeightPrune, NMSparsity per layer")
     if sum(isinstance(c, Quantize) for c in items) > 1:
         raise ValueError("compression: at most one Quantize per layer")
+    if any(isinstance(c, FixedSupport) for c in items) and \
+            sum(isinstance(c, (FixedSupport, ChannelPrune, NMSparsity)) for c in items) > 1:
+        raise ValueError("compression: a FixedSupport combines only with WeightPrune, penalties and Quantize")
     return items
 
 

@@ -47,6 +47,9 @@ class LayerGeometry:
     @classmethod
     def of(cls, layer: nn.Module) -> "LayerGeometry":
         """Geometry of ``layer``; raises ``TypeError`` for unsupported modules."""
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and 0 in layer.weight.shape:
+            raise ValueError(f"teacher_layer: a layer with an empty weight {tuple(layer.weight.shape)} has "
+                             "nothing to compress")
         if isinstance(layer, nn.Conv2d):
             if isinstance(layer.padding, str):
                 if layer.padding == "valid":

@@ -391,15 +391,17 @@ class Quadratic:
         return self.residual(W - self.anchor)
 
     def loss(self, W: torch.Tensor) -> torch.Tensor:
+        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range)."""
         delta = W - self.anchor
         if self.H is None:  # tr(ΔHΔᵀ) = ‖Δ·Z‖²: one product, not two
-            return self.scale * (torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F).sum() + self.f0)
-        g = self.residual(delta)
-        return self.scale * ((delta * (g + self.F)).sum() + self.f0)
+            value = torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F).sum() + self.f0
+        else:
+            value = (delta * (self.residual(delta) + self.F)).sum() + self.f0
+        return self.scale * value.double()
 
     def teacher_loss(self) -> torch.Tensor:
-        """``L(A) = s·f₀``: the loss at the teacher's weight, without a product."""
-        return self.scale * self.f0
+        """``L(A) = s·f₀``: the loss at the teacher's weight, without a product (float64, as :meth:`loss`)."""
+        return self.scale * self.f0.double()
 
     def grad(self, W: torch.Tensor) -> torch.Tensor:
         return (2.0 * self.scale) * self.residual_grad(W)

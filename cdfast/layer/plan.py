@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from .constraints import (ChannelPrune, GroupLasso, L1, NMSparsity, Quantize, WeightPrune, channel_norms,
-                          expand_channels, nm_mask, normalize)
+from .constraints import (ChannelPrune, FixedSupport, GroupLasso, L1, NMSparsity, Quantize, WeightPrune,
+                          channel_norms, expand_channels, nm_mask, normalize)
 from .geometry import LayerGeometry
 
 __all__ = ["ConstraintPlan", "StepSchedule", "PROJECTION_OPS"]
@@ -112,6 +112,9 @@ class ConstraintPlan:
         self.quant = next((c for c in self.items if isinstance(c, Quantize)), None)
         self.penalties = [c for c in self.items if isinstance(c, (GroupLasso, L1))]
         self.mask = torch.ones((geometry.groups, geometry.group_out, cols), dtype=torch.bool, device=device)
+        self.fixed = next((c for c in self.items if isinstance(c, FixedSupport)), None)
+        if self.fixed is not None:  # the solvers start at A·mask and never leave the support
+            self.mask &= self.fixed.matrix_mask(geometry, cols, device)
         self.scale: torch.Tensor | None = None
         g = geometry
         if self.channel is not None:
@@ -120,7 +123,7 @@ class ConstraintPlan:
                 raise ValueError(f"keep: {self.channel.keep} of {g.group_in} input channels keeps none; "
                                  "expected a ratio that keeps at least one channel")
         if self.weight is not None:
-            self.numel = g.out_channels * g.cols
+            self.numel = int(self.mask[..., :g.cols].sum()) if self.fixed is not None else g.out_channels * g.cols
             if int(self.weight.density * self.numel + 1e-9) < 1:
                 raise ValueError(f"density: {self.weight.density} of {self.numel} weights keeps none")
         if self.nm is not None and g.group_in % self.nm.m:
@@ -163,7 +166,8 @@ class ConstraintPlan:
     def compactable(self) -> bool:
         """Whether, once the mask is final, a solver may drop the pruned columns: a channel
         budget (the same columns for every row) and nothing else that moves them."""
-        return self.channel is not None and not self.penalties and self.geometry.groups == 1
+        fixed_channels = self.fixed is not None and self.fixed.channels is not None and self.weight is None
+        return (self.channel is not None or fixed_channels) and not self.penalties and self.geometry.groups == 1
 
     def lr_factor(self, step: int) -> float:
         return self.schedule.lr_factor[step]
@@ -266,6 +270,6 @@ class ConstraintPlan:
         """Indices of the input channels that survive (any output row uses them)."""
         g = self.geometry
         used = self.mask[..., :g.cols].reshape(g.groups, -1, g.group_in, g.taps).any(dim=1).any(dim=-1)
-        if bool(used.all()) and self.channel is None:
+        if bool(used.all()) and self.channel is None and self.fixed is None:
             return None
         return torch.nonzero(used.reshape(-1)).flatten()

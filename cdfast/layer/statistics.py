@@ -27,6 +27,10 @@ Two economies, both exact:
 
 Symmetric Grams are formed in blocks of their upper triangle (two thirds of the
 products of a plain ``X·Xᵀ`` at three blocks).
+
+**Extreme magnitudes.** Inputs whose largest entry lies outside ``[2⁻³⁰, 2³⁰]`` would
+overflow (×1e18) or underflow (×1e-30) float32 Grams; such statistics are accumulated
+in float64 instead (``dtype`` becomes ``torch.float64``, and the solve follows).
 """
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ def symmetric_gram(X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
             if b0 != a0:
                 res[:, b0:b1, a0:a1] += part.transpose(1, 2)
     return res
+
+#: Inputs beyond these magnitudes are accumulated in float64 (their squares leave float32).
+_FLOAT32_RANGE = (2.0 ** -30, 2.0 ** 30)
 
 
 class LayerStatistics:
@@ -125,6 +132,11 @@ class LayerStatistics:
     def update(self, h_teacher: torch.Tensor, h_student: torch.Tensor) -> "LayerStatistics":
         """Add one batch: ``h_teacher`` and ``h_student`` are this layer's two inputs."""
         check_pair(self.geometry, h_teacher, h_student)
+        h_teacher, h_student = h_teacher.detach(), h_student.detach()
+        if self.dtype == torch.float32:
+            m = float(torch.maximum(h_teacher.abs().max(), h_student.abs().max()))
+            if m > _FLOAT32_RANGE[1] or 0 < m < _FLOAT32_RANGE[0]:
+                self._promote()
         equal = h_student is h_teacher or torch.equal(h_teacher, h_student)
         device = self.device or h_teacher.device
         rows = self.geometry.rows(h_teacher)
@@ -152,9 +164,41 @@ class LayerStatistics:
         self.samples += h_teacher.shape[0]
         return self
 
+    def _promote(self) -> None:
+        """Accumulate in float64 from now on (the Grams or inputs so far convert exactly)."""
+        self.dtype = torch.float64
+        if self._grams is not None:
+            self._grams = self._grams.double()
+        self._factors = [(x.double(), None if e is None else e.double()) for x, e in self._factors]
+
     def update_many(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "LayerStatistics":
         for h_t, h_s in batches:
             self.update(h_t, h_s)
+        return self
+
+    def add(self, other: "LayerStatistics") -> "LayerStatistics":
+        """Add the statistics of other samples of the same layer (another fold, another
+        rank's part): the kept inputs side by side while the rows stay below the columns,
+        else the Grams summed."""
+        if not isinstance(other, LayerStatistics):
+            raise TypeError(f"other: expected LayerStatistics, got {type(other).__name__}")
+        if other.geometry != self.geometry or other.fit_bias != self.fit_bias:
+            raise ValueError("other: statistics of another layer (its shape or fit_bias differ)")
+        if other.rows == 0:
+            return self
+        if other.dtype == torch.float64 and self.dtype != torch.float64:
+            self._promote()
+        self._unseen = None
+        if self._grams is None and other._grams is None and self.lowrank and self.rows + other.rows < self.dim:
+            self._factors += [(x.to(self.dtype), None if e is None else e.to(self.dtype)) for x, e in other._factors]
+        else:
+            self._to_grams(other._grams.device if other._grams is not None else other._factors[0][0].device)
+            if other.has_error:
+                self._with_error()
+            for which in range(self._grams.shape[0]):
+                self._grams[which] += other._gram_of(which).to(self._grams)
+        self.rows += other.rows
+        self.samples += other.samples
         return self
 
     def _gram(self, h: torch.Tensor, device) -> torch.Tensor:
@@ -203,6 +247,10 @@ class LayerStatistics:
                              "at least one batch (or create the Grams with update first)")
         self._to_grams()
         self._with_error()
+        wide = torch.tensor([float(self.dtype == torch.float64)], device=self._grams.device)
+        dist.all_reduce(wide, op=dist.ReduceOp.MAX, group=group)  # one rank promoted: all do
+        if float(wide) and self.dtype != torch.float64:
+            self._promote()
         dist.all_reduce(self._grams, group=group)
         counts = torch.tensor([self.rows, self.samples], dtype=torch.float64,
                               device=self._grams.device)
@@ -214,7 +262,7 @@ class LayerStatistics:
     # --------------------------------------------------------------- access
     def _require(self) -> None:
         if self.rows == 0:
-            raise ValueError("statistics are empty: call update() with at least one non-empty batch")
+            raise ValueError("statistics: empty; call update() with at least one non-empty batch first")
 
     def _gram_of(self, which: int) -> torch.Tensor:
         self._require()
@@ -305,6 +353,9 @@ class LayerStatistics:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        wide = state["factors"][0] if "factors" in state else state["grams"]
+        if wide.dtype == torch.float64:
+            self.dtype = torch.float64
         self.rows, self.samples, self.fit_bias = int(state["rows"]), int(state["samples"]), bool(state["fit_bias"])
         self._unseen = None
         if "factors" in state:

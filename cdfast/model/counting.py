@@ -16,7 +16,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+def count_flops(model: nn.Module, input_shape: Sequence[int], *, batched: bool | None = None) -> int:
     """FLOPs of one forward pass of one sample, counted as 2 × multiply-accumulates.
 
     Only ``nn.Conv2d`` and ``nn.Linear`` are counted (biases, BN, activations and
@@ -27,8 +27,11 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
 
     Args:
         model: the network (run in eval mode under ``no_grad``; its mode is restored).
-        input_shape: ``(C, H, W)`` for one sample, or ``(N, C, H, W)`` (the count
-            is then divided by ``N``).
+        input_shape: ``(C, H, W)`` or ``(features,)`` for one sample, or
+            ``(N, C, H, W)`` (the count is then divided by ``N``).
+        batched: whether ``input_shape`` starts with the batch size ``N``; ``None``
+            infers it as above. ``compress`` passes ``(1, *sample_shape)`` with
+            ``batched=True``, which fits inputs of any rank (sequences too).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -36,9 +39,13 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
         shape = tuple(int(s) for s in input_shape)
     except TypeError:
         raise TypeError(f"input_shape: expected a sequence of ints, got {input_shape!r}") from None
-    if len(shape) < 2 or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape: expected positive sizes (C, H, W) or (N, C, H, W), got {shape}")
-    if len(shape) == 3:
+    if batched is not None and not isinstance(batched, bool):
+        raise TypeError(f"batched: expected a bool or None, got {type(batched).__name__}")
+    if not shape or any(s < 1 for s in shape) or (batched and len(shape) < 2):
+        raise ValueError(f"input_shape: expected positive sizes (C, H, W), (features,) or (N, C, H, W), got {shape}")
+    if batched is None:
+        batched = len(shape) not in (1, 3)
+    if not batched:
         shape = (1,) + shape
     batch = shape[0]
     macs = 0

@@ -33,11 +33,17 @@ from .walk import StopForward, as_sequence, calibration_batches, execution_order
 __all__ = ["fskd", "fskd_blocks", "block_end_convs"]
 
 _SHORTCUT_WORDS = ("downsample", "shortcut", "skip")
+_MERGEABLE = (nn.Conv2d, nn.Linear)  # a C×C map after either merges into its weight
+
+
+def _out(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 def fskd_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's blocks: ``walk.as_sequence`` when available, else ``stem + blocks``
-    (cdfast ResNet), ``features`` (cdfast VGG), else every Conv2d on its own."""
+    (cdfast ResNet), ``features`` (cdfast VGG), else every Conv2d on its own (every Linear
+    in a network without convs)."""
     seq = as_sequence(model)
     if seq is not None:
         return seq
@@ -52,24 +58,31 @@ def fskd_blocks(model: nn.Module) -> list[nn.Module]:
             out.extend(s if s is not None else list(sub))
             break
     if not out:
-        out = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        out = [m for m in model.modules() if isinstance(m, _kinds(model))]
     return out
 
 
+def _kinds(model: nn.Module) -> tuple:
+    """The layers FSKD corrects: convs, or Linear layers in a network that has no conv."""
+    return (nn.Conv2d,) if any(isinstance(m, nn.Conv2d) for m in model.modules()) else (nn.Linear,)
+
+
 def block_end_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of each block's last Conv2d on the main path (shortcut convs excluded), in execution order."""
+    """Names of each block's last Conv2d on the main path (shortcut convs excluded), in execution order
+    (each block's last Linear in a network without convs)."""
     order, _ = execution_order(model, example)
     names = {m: n for n, m in model.named_modules()}
+    kinds = _kinds(model)
     result = []
     for blk in fskd_blocks(model):
         bname = names.get(blk)
         if bname is None:
             continue
-        if isinstance(blk, nn.Conv2d):
+        if isinstance(blk, kinds):
             members = {bname}
         else:
-            members = {names[m] for m in blk.modules() if isinstance(m, nn.Conv2d)}
-        cands = [n for n in order if n in members and isinstance(model.get_submodule(n), nn.Conv2d)]
+            members = {names[m] for m in blk.modules() if isinstance(m, kinds)}
+        cands = [n for n in order if n in members and isinstance(model.get_submodule(n), kinds)]
         main = [n for n in cands if not any(w in n[len(bname):].lower() for w in _SHORTCUT_WORDS)]
         cands = main or cands
         if cands:
@@ -81,7 +94,7 @@ def _following_bn(model: nn.Module, leaves: list[str], conv_name: str) -> str | 
     i = leaves.index(conv_name)
     if i + 1 < len(leaves):
         m = model.get_submodule(leaves[i + 1])
-        if isinstance(m, nn.BatchNorm2d) and m.num_features == model.get_submodule(conv_name).out_channels:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features == _out(model.get_submodule(conv_name)):
             return leaves[i + 1]
     return None
 
@@ -165,19 +178,20 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
         except AttributeError:
             continue
         sel = None
-        if kept_outputs and name in kept_outputs and isinstance(conv_t, nn.Conv2d) \
-                and conv_t.out_channels != conv_s.out_channels:
+        if kept_outputs and name in kept_outputs and isinstance(conv_t, _MERGEABLE) \
+                and _out(conv_t) != _out(conv_s):
             sel = torch.as_tensor(kept_outputs[name]).long().view(-1)
-            if len(sel) != conv_s.out_channels:
-                raise ValueError(f"kept_outputs[{name!r}]: {len(sel)} indices for {conv_s.out_channels} channels")
-        if not isinstance(conv_t, nn.Conv2d) or (conv_t.out_channels != conv_s.out_channels and sel is None):
+            if len(sel) != _out(conv_s):
+                raise ValueError(f"kept_outputs[{name!r}]: {len(sel)} indices for {_out(conv_s)} channels")
+        if not isinstance(conv_t, _MERGEABLE) or (_out(conv_t) != _out(conv_s) and sel is None):
             info[name] = {"skipped": "teacher conv missing or output width differs"}
             continue
         bn_s_name = _following_bn(student, leaves_s, name)
         bn_t_name = _following_bn(teacher, leaves_t, name) if name in leaves_t else None
         bn_s = student.get_submodule(bn_s_name) if bn_s_name else None
         point_t = teacher.get_submodule(bn_t_name) if bn_t_name else conv_t
-        C = conv_s.out_channels
+        C = _out(conv_s)
+        ch = 1 if isinstance(conv_s, nn.Conv2d) else -1  # the channel dimension of its output
         dev = conv_s.weight.device
         s, c = _bn_affine(bn_s, C, dev)
         ok = s.abs() > 1e-8
@@ -188,13 +202,15 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
         tt = 0.0
         rows = 0
         for x in batches:
-            y = _capture_output(student, conv_s, x).double()            # N×C×H×W, pre-BN
+            y = _capture_output(student, conv_s, x).double()            # N×C×H×W (or N×…×C), pre-BN
             z_t = _capture_output(teacher, point_t, x).double()         # teacher point
             if sel is not None:
-                z_t = z_t[:, sel.to(z_t.device)]
-            t = torch.where(ok.view(1, -1, 1, 1), (z_t - c.view(1, -1, 1, 1)) / torch.where(ok, s, 1.0).view(1, -1, 1, 1), y)
-            Y = y.transpose(0, 1).reshape(C, -1)
-            T = t.transpose(0, 1).reshape(C, -1)
+                z_t = z_t.index_select(ch, sel.to(z_t.device))
+            shape = [1] * y.dim()
+            shape[ch] = -1
+            t = torch.where(ok.view(shape), (z_t - c.view(shape)) / torch.where(ok, s, 1.0).view(shape), y)
+            Y = y.movedim(ch, 0).reshape(C, -1)
+            T = t.movedim(ch, 0).reshape(C, -1)
             if intercept:
                 Y = torch.cat([Y, torch.ones_like(Y[:1])], 0)
             A += Y @ Y.T
@@ -218,7 +234,7 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
         Q = Qfull[:, :C]
         with torch.no_grad():
             W = conv_s.weight.detach().double()
-            conv_s.weight.copy_(torch.einsum("oc,cihw->oihw", Q, W).to(conv_s.weight.dtype))
+            conv_s.weight.copy_((Q @ W.reshape(C, -1)).reshape(W.shape).to(conv_s.weight.dtype))
             if conv_s.bias is not None:
                 b_new = Q @ conv_s.bias.detach().double()
                 if intercept and bn_s is None:

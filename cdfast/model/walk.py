@@ -5,16 +5,15 @@ execution order of its ``Conv2d``/``Linear`` layers (and of the ``BatchNorm`` la
 that follow them), and captures a layer's input with a hook that stops the forward
 pass as soon as the input is seen.
 
-For networks that are a *sequence of blocks* (``nn.Sequential``, or any module with a
-``cdfast_sequence()`` method returning the blocks whose composition is its forward:
-VGG, ResNet stages, transformer layers), the walk keeps both models' activations at
-the current block boundary, so each layer costs one pass through its own block and
-the total forward work grows linearly with depth. Other models are re-run from the
-input for every layer (quadratic in depth, but it works on anything).
+:func:`cdfast.compress` re-runs both models from the input for every layer (quadratic
+in depth, but it works on any forward, and channels removed mid-walk never leave a
+stale cached activation). :func:`as_sequence` gives a network's blocks (an
+``nn.Sequential``, or a ``cdfast_sequence()`` method returning the blocks whose
+composition is its forward) to FSKD.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -101,9 +100,3 @@ def calibration_batches(data, batch_size: int) -> list[torch.Tensor]:
         out.append(x)
     return out
 
-
-def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        for b in blocks:
-            x = b(x)
-    return x

@@ -210,23 +210,27 @@ def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[tor
     else:
         order, block, window = None, BLOCK, MASK_WINDOW
     prob = _sweep_problem(quad, order)
-    mask = torch.ones(G, D, R, dtype=torch.bool, device=quad.H.device)
+    fixed = None if bool(plan.mask.all()) else prob.to_sweep(plan.mask)  # a FixedSupport: never leave it
+    mask = torch.ones(G, D, R, dtype=torch.bool, device=quad.H.device) if fixed is None else fixed.clone()
     if plan.nm is not None:
         budget = WindowBudget(prob.U, window, topk, nm=(plan.nm.n, m), cols=wc)
     else:  # the layer's budget, shared out over the windows by the saliency of the whole layer
         pivots = torch.diagonal(prob.U, dim1=-2, dim2=-1).pow(2)[:, :wc, None]
-        chosen = topk(prob.T[:, :wc].pow(2) * pivots, int(plan.weight.density * plan.numel + 1e-9))
+        score = prob.T[:, :wc].pow(2) * pivots
+        if fixed is not None:
+            score = torch.where(fixed[:, :wc], score, torch.full_like(score, -1.0))
+        chosen = topk(score, int(plan.weight.density * plan.numel + 1e-9))
         windows = math.ceil(wc / window)
         chosen = torch.nn.functional.pad(chosen, (0, 0, 0, windows * window - wc))
         keep = chosen.reshape(G, windows, -1).sum(-1)
-        budget = WindowBudget(prob.U, window, topk, keep=keep, cols=wc)
+        budget = WindowBudget(prob.U, window, topk, keep=keep, cols=wc, allowed=fixed)
     rule = ColumnRule(mask=mask, budget=budget)
     Q, Y = sweep(prob.T, prob.U, rule, block, residual=True, block_op=ops.sweep)
     for _ in range(PRUNE_PASSES):
         Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block, block_op=ops.coordinate)
     if plan.weight is not None:  # exchanges: as many rounds as EXCHANGE_WORK allows
         rounds = min(EXCHANGE_ROUNDS, int(EXCHANGE_WORK // (5.0 * G * R * D * D)))
-        Q, Y = exchange_rounds(Q, Y, prob.U, prob.H, rule, wc, rounds, block_op=ops.coordinate)
+        Q, Y = exchange_rounds(Q, Y, prob.U, prob.H, rule, wc, rounds, block_op=ops.coordinate, allowed=fixed)
     return prob.back(Q), prob.back(rule.mask), _loss(quad, prob, Q, Y)
 
 
@@ -237,7 +241,7 @@ def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor | None, sup
     coordinate passes.
 
     The sweep's target is the damped optimum ``T`` (or ``target``, a penalised solution).
-    With a channel budget the pruned columns go first in the sweep: fixing them at zero
+    Columns that no row keeps (a channel budget, the channels of a ``FixedSupport``) go first in the sweep: fixing them at zero
     turns ``T`` into the optimum on the kept columns, and the rest of the sweep is the
     sweep of the restricted problem. Returns ``(W, scale, loss)``, ``scale`` shaped as
     ``plan.scale``.
@@ -246,8 +250,8 @@ def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor | None, sup
     G, R, D = quad.anchor.shape
     wc = geo.cols
     first = None
-    if plan.channel is not None:
-        first = ~support[:, 0, :wc]  # whole columns, the same for every row of a group
+    if not bool(support.all()):  # columns no row keeps (a channel budget, a FixedSupport's channels)
+        first = ~support[..., :wc].any(dim=1)
     order = act_order(quad.H, D - wc, first)
     prob = _sweep_problem(quad, order, target)
     mask = None if bool(support.all()) else prob.to_sweep(support)
@@ -316,7 +320,7 @@ def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "au
     quad = quad.dense()
     ops = _BlockOps(quad.H.device, backend, strict)
     out_dtype = quad.H.dtype
-    support = torch.ones_like(quad.anchor, dtype=torch.bool)
+    support = plan.mask.clone()  # all True but where a FixedSupport removed weights
     W, loss, target = None, None, None
     if plan.weight is not None or plan.nm is not None:
         W, support, loss = _prune(quad, plan, ops)

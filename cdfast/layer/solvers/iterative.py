@@ -135,6 +135,15 @@ class _Optimizer:
 
 
 # ------------------------------------------------------------------- the loop
+def _check_finite(value: torch.Tensor, step: int, cfg: SolverConfig) -> None:
+    """A diverging run stops with an error that names what to change (never NaN weights)."""
+    v = float(value)
+    if not math.isfinite(v):
+        hint = " (or momentum)" if cfg.solver == "sgd" else ""
+        raise ValueError(f"lr: the {cfg.solver} iterates diverged (loss {v} at step {step}) with lr={cfg.lr:g}"
+                         f"{hint}; lower it, or use solver='exact'")
+
+
 def run_iterative(engine, plan: ConstraintPlan, cfg: SolverConfig):
     """The iterative solve, for any engine. Returns ``(W_latent, history)``.
 
@@ -160,11 +169,14 @@ def run_iterative(engine, plan: ConstraintPlan, cfg: SolverConfig):
         ran = engine.run_steady(i, logged, history) if not quant else 0
         if ran:
             i += ran
+            if history:
+                _check_finite(history[-1][1], history[-1][0], cfg)
             continue
         track = quant and i >= sched.final_from
         value = engine.step(i, lr, want_value=track or i in logged, keep_previous=track)
         if i in logged:
             history.append((i, value))
+            _check_finite(value, i, cfg)  # a synchronisation only at the ~100 logged steps
         if track and float(value) < best_value:
             best_value, best = float(value), engine.snapshot()
         engine.after_step(i, lr)
@@ -183,7 +195,7 @@ class TorchGramEngine:
     def __init__(self, quad: Quadratic, plan: ConstraintPlan, cfg: SolverConfig):
         self.full_quad = self.quad = quad
         self.plan, self.cfg = plan, cfg
-        self.W = quad.anchor.clone()
+        self.W = quad.anchor * plan.mask  # masked coordinates start (and stay) at zero
         self.opt = _Optimizer(cfg, self.W)
         self.cols: torch.Tensor | None = None  # kept columns once compacted
         self.prev: torch.Tensor | None = None
@@ -261,7 +273,7 @@ class TorchGramEngine:
             full = torch.zeros_like(self.full_quad.anchor)
             full[..., self.cols] = W
             W = full
-        return W, [(s, float(self.full_quad.scale * v)) for s, v in history]
+        return W, [(s, self.full_quad.scale * float(v)) for s, v in history]
 
 
 def gram_iterative(quad: Quadratic, plan: ConstraintPlan, cfg: SolverConfig):
@@ -279,7 +291,7 @@ class DataEngine:
     def __init__(self, loss_fn, anchor: torch.Tensor, plan: ConstraintPlan, cfg: SolverConfig,
                  num_batches: int):
         self.loss_fn, self.plan, self.cfg, self.num_batches = loss_fn, plan, cfg, num_batches
-        self.W = anchor.clone()
+        self.W = anchor * plan.mask
         self.opt = _Optimizer(cfg, self.W)
         self.prev: torch.Tensor | None = None
 

@@ -137,13 +137,14 @@ class WindowBudget:
     shared out over the windows), or ``nm = (n, m)``: keep ``n`` of every ``m`` columns of
     each row (``window = m``; the block operator chooses, group by group). A weight's score
     is ``v²·Ũ_jj²``, the loss its removal adds (its optimal-brain-surgeon saliency). Columns
-    from ``cols`` on (a fitted bias) are never pruned. ``topk(scores, k)`` is the top-k mask
-    operator (the dispatcher's ``topk_mask``).
+    from ``cols`` on (a fitted bias) are never pruned; weights where ``allowed`` ``(G, D, R)``
+    is False (a fixed support) are never kept. ``topk(scores, k)`` is the top-k mask operator
+    (the dispatcher's ``topk_mask``).
     """
 
     def __init__(self, U: torch.Tensor, window: int, topk: Callable, keep: torch.Tensor | None = None,
-                 nm: tuple[int, int] | None = None, cols: int | None = None):
-        self.window, self.topk, self.keep, self.nm = window, topk, keep, nm
+                 nm: tuple[int, int] | None = None, cols: int | None = None, allowed: torch.Tensor | None = None):
+        self.window, self.topk, self.keep, self.nm, self.allowed = window, topk, keep, nm, allowed
         self.pivots = torch.diagonal(U, dim1=-2, dim2=-1).pow(2).contiguous()  # (G, D)
         self.cols = U.shape[-1] if cols is None else cols
 
@@ -152,6 +153,8 @@ class WindowBudget:
         if n <= 0:
             return
         score = obs_values(W, T, U)[:, :n].pow_(2).mul_(self.pivots[:, j0:j0 + n, None])
+        if self.allowed is not None:  # weights outside a fixed support are never chosen
+            score = torch.where(self.allowed[:, j0:j0 + n], score, torch.full_like(score, -1.0))
         for g in range(score.shape[0]):
             maskf[g, j0:j0 + n] = self.topk(score[g], int(self.keep[g, j0 // self.window]))
 
@@ -286,8 +289,8 @@ def coordinate_pass(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.
 
 
 def exchange_rounds(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.Tensor, rule: ColumnRule,
-                    cols: int, rounds: int, share: float = 0.1,
-                    block_op: Callable = coordinate_block) -> tuple[torch.Tensor, torch.Tensor]:
+                    cols: int, rounds: int, share: float = 0.1, block_op: Callable = coordinate_block,
+                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Improve a budget mask by exchanges that keep its size, each round kept only if it lowers the loss.
 
     At an optimum on the mask the kept weight ``w_j`` costs about ``w_j²·H_jj`` to remove and
@@ -296,7 +299,8 @@ def exchange_rounds(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.
     ``share`` of the kept weights, among the first ``cols`` columns; the freed weights start
     at their one-coordinate optimum and a coordinate pass refits the new mask. The first
     round that does not lower ``‖Y‖²`` is undone and ends the search. ``W``, ``Y``, ``rule``
-    as for :func:`coordinate_pass`; returns ``(W, Y)`` (``rule.maskf`` holds the mask).
+    as for :func:`coordinate_pass`; weights where ``allowed`` is False are never freed.
+    Returns ``(W, Y)`` (``rule.maskf`` holds the mask).
     """
     dH = torch.diagonal(H, dim1=-2, dim2=-1)[..., None]
     best = float((Y * Y).sum())
@@ -306,7 +310,8 @@ def exchange_rounds(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, H: torch.
         g = torch.bmm(U, Y)[:, :cols]
         w = W[:, :cols]
         cost = torch.where(keep, w * w * dH[:, :cols], torch.full_like(w, math.inf)).reshape(-1)
-        gain = torch.where(keep, torch.full_like(w, -math.inf), g * g / dH[:, :cols]).reshape(-1)
+        closed = keep if allowed is None else keep | ~allowed[:, :cols]  # a fixed support's zeros stay
+        gain = torch.where(closed, torch.full_like(w, -math.inf), g * g / dH[:, :cols]).reshape(-1)
         cost, out = torch.topk(cost, min(count, cost.numel()), largest=False)
         gain, into = torch.topk(gain, min(count, gain.numel()))
         n = int((gain > cost[:gain.numel()]).sum())
