@@ -19,6 +19,7 @@ refit by the same loss.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import sys
 import time
@@ -352,11 +353,13 @@ def _save_checkpoint(path: str, stamp: dict, student: nn.Module, done: list[str]
                      "shrink": dict(report.shrink), "quantized": dict(report.quantized)})
 
 
+#: distill_layer's keywords, read once at import (a wrapped or patched distill_layer keeps them).
+_LAYER_ARGS = frozenset(inspect.signature(distill_layer).parameters)
+
+
 def _check_layer_kwargs(layer_kwargs: dict) -> None:
     """``compress``'s extra keywords must be :func:`distill_layer`'s (checked before any work)."""
-    import inspect
-
-    known = set(inspect.signature(distill_layer).parameters) - {
+    known = set(_LAYER_ARGS) - {
         "teacher_layer", "h_teacher", "h_student", "batches", "statistics", "compression", "loss", "mu", "solver",
         "steps", "lr"}
     for k in layer_kwargs:
