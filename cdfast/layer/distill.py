@@ -343,7 +343,12 @@ def distill_layer(teacher_layer: nn.Module,
         else:
             backend_used, (W, history) = dispatch.call("gram_solve", device, backend, strict, quad, plan, cfg)
         W_final, codes, scale = _finalize(W, plan, quad)
-        loss_after = float(quad.loss(W_final))
+        if solver == "exact" and plan.quant is None:
+            # W_final is the solver's W (its zeros already on the mask), whose loss the exact
+            # solver has computed (for a sweep, from its whitened residual): no product with H
+            loss_after = history[-1][1]
+        else:
+            loss_after = float(quad.loss(W_final))
         loss_before = float(quad.loss(_naive(anchor, plan)))
         W_final, codes, scale, loss_after, note = _never_worse_than_naive(
             W_final, codes, scale, loss_after, loss_before, anchor, plan, solver)

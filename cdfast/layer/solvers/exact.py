@@ -189,10 +189,11 @@ def _loss(quad: Quadratic, prob: _SweepProblem, Q: torch.Tensor, Y: torch.Tensor
     ``tr((W − T)·H_λ·(W − T)ᵀ)``); any other target falls back to the quadratic itself."""
     if not prob.optimum:
         return float(quad.loss(prob.back(Q)))
-    A = prob.to_sweep(quad.anchor)
-    value = (Y * Y).sum() - (prob.lam[:, None, None] * (Q - A).pow(2)).sum() + quad.f0
-    if bool(quad.F.any()):
-        value = value - ((A - prob.T) * prob.to_sweep(quad.F)).sum()
+    with_F = bool(quad.F.any())
+    A = prob.to_sweep(quad.anchor) if with_F else prob.T  # T = A when F = 0
+    value = Y.double().pow(2).sum() - (prob.lam[:, None, None] * (Q - A).pow(2)).sum().double() + quad.f0.double()
+    if with_F:
+        value = value - ((A - prob.T) * prob.to_sweep(quad.F)).sum().double()
     return float(quad.scale * value)
 
 
