@@ -266,26 +266,46 @@ void sweep_block_impl(T* W, int64_t gsW, const T* Tg, int64_t gsT, const T* V, i
     const T* sg = at(step, g, gr);
     const T* Ug = at(U, g, gsU);
     const T* pg = at(piv, g, gp);
-    std::vector<T> x(static_cast<size_t>(std::max<int64_t>(nm_m, 1))), sc(x.size());
+    // per N:M group, for the job's rows: x = the group's values minus t, sc = the scores,
+    // above = how many of the group's scores beat each (row-contiguous, so the loops vectorise)
+    const int64_t width = r1 - r0, m = std::max<int64_t>(nm_m, 1);
+    std::vector<T> x(static_cast<size_t>(m * width)), sc(x.size());
+    std::vector<int32_t> above(nm_m > 0 ? static_cast<size_t>(width) : 0);
     for (int64_t i = 0; i < n; ++i) {
       T* wi = Wg + i * R;
       if (nm_m > 0 && i % nm_m == 0 && i < nm_cols) {
         // the group's values with every earlier column fixed: t + (Ũ_wwᵀ)⁻¹·(d·(w − t))
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t k = 0; k < nm_m; ++k) {
-            const int64_t row = (i + k) * R + r;
-            const T dk = Ug[(i + k) * ld + i + k];
-            T acc = (Wg[row] - Tq[row]) * dk;
-            for (int64_t l = 0; l < k; ++l) acc -= Ug[(i + l) * ld + i + k] * x[l];
-            x[k] = acc / dk;
-            const T v = Tq[row] + x[k];
-            sc[k] = v * v * pg[i + k];
+        for (int64_t k = 0; k < nm_m; ++k) {
+          const T dk = Ug[(i + k) * ld + i + k];
+          const T* wk = Wg + (i + k) * R + r0;
+          const T* tk = Tq + (i + k) * R + r0;
+          T* xk = x.data() + k * width;
+          for (int64_t r = 0; r < width; ++r) xk[r] = (wk[r] - tk[r]) * dk;
+          for (int64_t l = 0; l < k; ++l) {
+            const T c = Ug[(i + l) * ld + i + k];
+            const T* xl = x.data() + l * width;
+            for (int64_t r = 0; r < width; ++r) xk[r] -= c * xl[r];
           }
-          for (int64_t k = 0; k < nm_m; ++k) {  // kept: fewer than nm_keep scores beat it (ties: lower index)
-            int64_t above = 0;
-            for (int64_t l = 0; l < nm_m; ++l) above += sc[l] > sc[k] || (sc[l] == sc[k] && l < k);
-            Mg[(i + k) * R + r] = above < nm_keep ? T(1) : T(0);
+          const T p = pg[i + k];
+          T* sk = sc.data() + k * width;
+          for (int64_t r = 0; r < width; ++r) {
+            xk[r] /= dk;
+            const T v = tk[r] + xk[r];
+            sk[r] = v * v * p;
           }
+        }
+        for (int64_t k = 0; k < nm_m; ++k) {  // kept: fewer than nm_keep scores beat it (ties: lower index)
+          const T* sk = sc.data() + k * width;
+          std::fill(above.begin(), above.end(), 0);
+          for (int64_t l = 0; l < nm_m; ++l) {
+            const T* sl = sc.data() + l * width;
+            if (l < k)
+              for (int64_t r = 0; r < width; ++r) above[r] += sl[r] >= sk[r];
+            else if (l > k)
+              for (int64_t r = 0; r < width; ++r) above[r] += sl[r] > sk[r];
+          }
+          T* mk = Mg + (i + k) * R + r0;
+          for (int64_t r = 0; r < width; ++r) mk[r] = above[r] < nm_keep ? T(1) : T(0);
         }
       }
       const bool gridded = ig && i < grid;
