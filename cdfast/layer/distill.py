@@ -407,14 +407,15 @@ def _never_worse_than_naive(W, codes, scale, loss_after, loss_before, anchor, pl
     """An iterative solve can end above naive compression (too few steps, too large a step):
     return the naive weights then, and say so. Penalties trade loss for structure, so their
     loss may legitimately rise: they are left as solved. ``energy()`` is the loss of the
-    zero weight (the teacher's output energy): a difference below 1e-9 of it is rounding,
-    as when both losses are zero up to it (a refit layer the teacher already fits)."""
+    zero weight (the teacher's output energy): when the excess is below 1e-9 of it, the
+    two are equal up to rounding (a layer the teacher already fits), so the naive weights
+    are returned without a warning."""
     if plan.penalties or not loss_after > loss_before * (1 + 1e-9) + 1e-300:
-        return W, codes, scale, loss_after, ""
-    if loss_after - loss_before <= 1e-9 * abs(energy()):
         return W, codes, scale, loss_after, ""
     naive = _naive(anchor, plan)
     naive_codes = plan.codes(anchor * plan.mask) * plan.mask[..., :plan.geometry.cols] if plan.quant else None
+    if loss_after - loss_before <= 1e-9 * abs(energy()):
+        return naive, naive_codes, plan.scale, loss_before, ""
     note = (f"the {solver} solve ended above naive compression (loss {loss_after:.6g} > {loss_before:.6g}); "
             "the naive compression is returned")
     warnings.warn(f"cdfast: {note}", RuntimeWarning, stacklevel=3)
