@@ -6,8 +6,8 @@ what compression itself needed. The statistics stream every batch into ``D × D`
 and the walk recomputes activations batch by batch, so the difference should not grow
 with the number of images beyond one batch's activations: ``batch_size`` is the budget.
 
-    python -m bench.memory                      # ResNet-20, 28×28, 10 … 3000 images
-    python -m bench.memory --sizes 10 300 1000 --batch-size 64   # adds a curve; others are kept
+    python -m bench.memory_compress                      # ResNet-20, 28×28, 10 … 3000 images
+    python -m bench.memory_compress --sizes 10 300 1000 --batch-size 64   # adds a curve; others are kept
 """
 from __future__ import annotations
 
