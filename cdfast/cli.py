@@ -271,7 +271,7 @@ def load_user_model(spec: str, weights: str | None = None):
     if not _looks_like_import(spec):
         raise CLIError(f"MODEL: {spec!r} is neither a file, nor pkg.module:factory, nor a bundled model name")
     obj = _import_object(spec, "MODEL")
-    model = obj if isinstance(obj, nn.Module) else (obj() if callable(obj) else None)
+    model = obj if isinstance(obj, nn.Module) else (_call_user(obj, spec, "MODEL") if callable(obj) else None)
     if not isinstance(model, nn.Module):
         raise CLIError(f"MODEL: {spec} did not give an nn.Module (got {type(model).__name__})")
     if weights:
@@ -378,8 +378,18 @@ def load_calibration_data(spec: str, model, size=None, mean=None, std=None):
         hook = _import_object(spec, "--data")
         if not callable(hook):
             raise CLIError(f"--data: {spec} is not callable")
-        return hook()
+        return _call_user(hook, spec, "--data")
     raise CLIError(f"--data: {spec!r} is neither a folder, a file, nor pkg.module:function")
+
+
+def _call_user(fn, spec: str, flag: str):
+    """Call the user's factory; its failure is one line naming the flag and the function."""
+    try:
+        return fn()
+    except (CLIError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code failed: say where, in one line
+        raise CLIError(f"{flag}: calling {spec}() raised {type(exc).__name__}: {exc}") from None
 
 
 def _first_batch(data):

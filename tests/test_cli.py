@@ -31,6 +31,10 @@ def build():
 
 def calibration():
     return torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def broken():
+    raise RuntimeError("no weights here")
 '''
 
 
@@ -82,6 +86,9 @@ def _one_line_error(capsys) -> str:
     (["compress", "no_such_module_xyz:build", "--keep", "0.5", "--data", "x.pt"], "cannot import"),
     (["compress", "netmod:nothing", "--keep", "0.5", "--data", "x.pt"], "no attribute"),
     (["compress", "netmod:build", "--keep", "0.5", "--data", "missing.pt"], "--data"),
+    (["compress", "netmod:broken", "--keep", "0.5", "--data", "x.pt"],
+     "MODEL: calling netmod:broken\\(\\) raised RuntimeError: no weights here"),
+    (["compress", "netmod:build", "--keep", "0.5", "--data", "netmod:broken"], "--data: calling netmod:broken"),
     (["compress", "missing.safetensors", "--keep", "0.5", "--data", "x.pt"], "MODEL"),
     (["compress", "resnet20", "--keep", "0.5", "--image-size", "0"], "--image-size"),
     (["compress", "resnet20", "--keep", "0.5", "--device", "tpu"], "--device"),

@@ -65,3 +65,50 @@ def test_table_mean_std_and_incomplete_cells():
     table = markdown(rows)
     assert "| Ours | 100 | 82.00 ± 2.00 | 90.00 ± 0.00 (n=1) |" in table
     assert "| Ours-NC | 100 | 71.00 ± 1.00 |  |" in table
+
+
+def test_a_row_cut_by_a_kill_is_measured_again_and_a_damaged_row_is_named(tmp_path):
+    from cdfast.experiments.grid import _append_row
+
+    path = str(tmp_path / "results.csv")
+    a, b = Row("m", "w4", "nc", 1, 0, 90.5, 10, 1.0), Row("m", "w4", "nc", 2, 0, 91.0, 10, 1.5)
+    _append_row(path, a)
+    with open(path, "a") as f:  # the process died in the middle of writing the next row
+        f.write("m,w4,cross,1,0,9")
+    with pytest.warns(UserWarning, match="incomplete last row 3"):
+        assert read_rows(path) == [a]
+    _append_row(path, b)  # the next row starts on its own line: the partial one is gone
+    assert read_rows(path) == [a, b]
+    with open(path, "a") as f:
+        f.write("m,w4,nc,5,0,not-a-number,10,1.0\n")
+    _append_row(path, a)
+    with pytest.raises(ValueError, match="results.csv: row 4 is damaged"):
+        read_rows(path)
+
+
+def test_baselines_and_fskd_name_their_bad_arguments():
+    import torch
+    import torch.nn as nn
+
+    from cdfast.experiments.baselines import run
+    from cdfast.model.fskd import fskd
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(4, 1, 6, 6)
+    for kwargs, match in ((dict(keep=1.5), "keep"), (dict(keep=0.5, steps=0), "steps"),
+                          (dict(keep=0.5, lr=float("nan")), "lr"), (dict(keep=0.5, batch_size=2.5), "batch_size")):
+        with pytest.raises(ValueError, match=f"^{match}:"):
+            run("l1", net, x, **kwargs)
+    with pytest.raises(TypeError, match="^teacher:"):
+        run("l1", "net", x, keep=0.5)
+    for kwargs, match in ((dict(batch_size=0), "batch_size"), (dict(ridge=-1.0), "ridge"),
+                          (dict(inplace="no"), "inplace"), (dict(kept_outputs=[1]), "kept_outputs")):
+        with pytest.raises((TypeError, ValueError), match=f"^{match}:"):
+            fskd(net, net, x, **kwargs)
+    with pytest.raises(ValueError, match="^data: contains NaN"):
+        fskd(net, net, x.clone().index_fill_(0, torch.tensor([1]), float("nan")))
+    broken = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    with torch.no_grad():
+        broken[0].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="^student: its parameter '0.weight'"):
+        fskd(net, broken, x)

@@ -7,6 +7,7 @@ a non-finite or worse-than-naive result — is a defect, printed with the call t
 
     python tools/fuzz_api.py --cases 3000 --seed 0                 # distill_layer
     python tools/fuzz_api.py --api compress --cases 300 --seed 0  # compress on small models
+    python tools/fuzz_api.py --api cli --cases 200 --seed 0       # `cdfast compress` on the user's model
 
 For ``compress`` a finite result is a student whose parameters and outputs on the
 calibration data are finite, with no more parameters than the teacher.
@@ -244,17 +245,102 @@ def classify_compress(fn) -> tuple[str, str]:
     return "finite result", ""
 
 
+CLI_MODULE = """
+import torch, torch.nn as nn
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+def calibration():
+    return torch.randn(12, 3, 8, 8)
+def broken():
+    raise RuntimeError("the user's factory fails")
+"""
+CLI_BAD = {
+    "--keep": ["0", "1.5", "half", "nan"], "--density": ["-1", "x"], "--bits": ["1", "9", "4.5"], "--mu": ["2", "nan"],
+    "--loss": ["l2"], "--solver": ["newton"], "--steps": ["0", "-3", "1e9x"], "--lr": ["0", "-1", "inf"],
+    "--policy": ["first"], "--batch-size": ["0"], "--device": ["tpu", "cuda:99"], "--image-size": ["0", "8x"],
+    "--k": ["0"], "--out": ["netmod.py"], "--output": ["missing/m.safetensors"], "--report": ["missing/r.json"],
+    "--weights": ["missing.pt", "text.txt"], "--backend": ["gpu"],
+}
+CLI_BAD_DATA = ["missing.pt", "text.txt", "nan.pt", "shape.pt", "empty.pt", "ints.pt", "netmod:broken", "netmod:nothing",
+                "no_such_module:fn", "."]
+
+
+def _cli_files(root: Path) -> None:
+    (root / "netmod.py").write_text(CLI_MODULE)
+    (root / "text.txt").write_text("not a tensor")
+    good = torch.randn(12, 3, 8, 8)
+    torch.save(good, root / "good.pt")
+    torch.save(good.clone().index_fill_(0, torch.tensor([0]), float("nan")), root / "nan.pt")
+    torch.save(torch.randn(12, 5, 8, 8), root / "shape.pt")
+    torch.save(torch.randn(0, 3, 8, 8), root / "empty.pt")
+    torch.save(torch.randint(0, 9, (12, 3, 8, 8)), root / "ints.pt")
+
+
+def random_cli_case(rng: random.Random):
+    argv = ["compress", "netmod:build", "--data", rng.choice(["good.pt", "netmod:calibration"]),
+            rng.choice(["--keep", "--bits", "--density"]), rng.choice(["0.5", "4"]), "--steps", "3",
+            "--out", f"run{rng.randrange(10**9)}"]
+    if argv[4] == "--keep":
+        argv[5] = "0.5"
+    if argv[4] == "--density":
+        argv[5] = "0.5"
+    r = rng.random()
+    if r < 0.55:
+        flag = rng.choice(sorted(CLI_BAD))
+        argv += [flag, rng.choice(CLI_BAD[flag])]
+    elif r < 0.8:
+        argv[3] = rng.choice(CLI_BAD_DATA)
+    elif r < 0.85:
+        argv[1] = rng.choice(["netmod:broken", "netmod", "missing.safetensors", "text.txt"])
+    return argv, " ".join(argv)
+
+
+def classify_cli(argv) -> tuple[str, str]:
+    import contextlib
+    import io
+
+    from cdfast import cli
+
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            warnings.simplefilter("ignore")
+            rc = cli.main(argv)
+    except BaseException as exc:  # noqa: BLE001 - anything escaping main is a traceback for the user
+        return "defect", f"{type(exc).__name__} escaped: {exc}"
+    text = err.getvalue()
+    if "Traceback" in text:
+        return "defect", "a traceback on stderr"
+    if rc == 0:
+        return "finite result", ""
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    if rc == 2 and ": error: " in last:
+        return "clear error", ""
+    return "defect", f"rc={rc}, stderr: {text[-300:]!r}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--api", choices=["distill_layer", "compress"], default="distill_layer")
+    ap.add_argument("--api", choices=["distill_layer", "compress", "cli"], default="distill_layer")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     counts: Counter = Counter()
     defects = []
-    if args.api == "compress":
+    if args.api == "cli":
+        import os
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="cdfast-fuzz-cli-"))
+        _cli_files(root)
+        os.chdir(root)
+        sys.path.insert(0, str(root))
+        cases, judge = [random_cli_case(rng) for _ in range(args.cases)], classify_cli
+    elif args.api == "compress":
         cases, judge = [random_compress_case(rng) for _ in range(args.cases)], classify_compress
     else:
         cases, judge = list(constraint_cases()), classify
@@ -265,7 +351,7 @@ def main(argv=None) -> int:
         if outcome == "defect":
             defects.append((desc, why))
     print(f"{sum(counts.values())} calls: {counts['clear error']} clear errors, "
-          f"{counts['finite result']} finite results{'' if args.api == 'compress' else ' no worse than naive'}, {counts['defect']} defects")
+          f"{counts['finite result']} finite results{' no worse than naive' if args.api == 'distill_layer' else ''}, {counts['defect']} defects")
     for desc, why in defects[:40]:
         print(f"- {desc}\n  {why}")
     return 1 if defects else 0

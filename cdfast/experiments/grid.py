@@ -18,6 +18,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -103,11 +104,23 @@ def naive_compress(teacher: nn.Module, comp, layers: list[str] | None = None) ->
 def read_rows(path: str | os.PathLike) -> list[Row]:
     """The rows of a ``results.csv`` written by :func:`run_experiment` or :func:`write_outputs`."""
     with open(path, newline="") as f:
-        return [Row(r["model"], r["task"], r["method"], int(r["k"]), int(r["seed"]), float(r["accuracy"]),
-                    int(r["params"]), float(r["seconds"])) for r in csv.DictReader(f)]
+        records = list(csv.DictReader(f))
+    rows = []
+    for i, r in enumerate(records):
+        try:
+            rows.append(Row(r["model"], r["task"], r["method"], int(r["k"]), int(r["seed"]), float(r["accuracy"]),
+                            int(r["params"]), float(r["seconds"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            if i == len(records) - 1:  # the row being written when a run was killed: measured again
+                warnings.warn(f"{path}: ignoring the incomplete last row {i + 2} (a run killed while writing "
+                              "it); it is measured again", stacklevel=2)
+                break
+            raise ValueError(f"{path}: row {i + 2} is damaged ({exc}); fix or delete that line") from None
+    return rows
 
 
 def _append_row(path: str, row: Row) -> None:
+    _drop_partial_line(path)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(row)))
@@ -116,6 +129,18 @@ def _append_row(path: str, row: Row) -> None:
         w.writerow(asdict(row))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _drop_partial_line(path: str) -> None:
+    """Cut a last line without its newline (a run killed while writing it), so the next
+    row starts on a line of its own."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def _check_settings(csv_path, settings: dict) -> None:

@@ -351,7 +351,8 @@ def distill_layer(teacher_layer: nn.Module,
             loss_after = float(quad.loss(W_final))
         loss_before = float(quad.loss(_naive(anchor, plan)))
         W_final, codes, scale, loss_after, note = _never_worse_than_naive(
-            W_final, codes, scale, loss_after, loss_before, anchor, plan, solver)
+            W_final, codes, scale, loss_after, loss_before, anchor, plan, solver,
+            lambda: float(quad.loss(torch.zeros_like(anchor))))
     else:
         if auto_loss:
             rows = sum(geometry.rows(h_t) for h_t, _ in pairs)
@@ -379,7 +380,8 @@ def distill_layer(teacher_layer: nn.Module,
         loss_after = mean_loss(W_final)
         loss_before = mean_loss(_naive(anchor, plan))
         W_final, codes, scale, loss_after, note = _never_worse_than_naive(
-            W_final, codes, scale, loss_after, loss_before, anchor, plan, solver)
+            W_final, codes, scale, loss_after, loss_before, anchor, plan, solver,
+            lambda: mean_loss(torch.zeros_like(anchor)))
         backend_used = used[0] if used else "torch"
 
     if not (bool(torch.isfinite(W_final).all()) and math.isfinite(loss_after) and math.isfinite(loss_before)):
@@ -428,14 +430,19 @@ def _check_data_form_range(data, dtype: torch.dtype) -> None:
                          "float32 losses; use form='gram' (which rescales them) or stats_dtype=torch.float64")
 
 
-def _never_worse_than_naive(W, codes, scale, loss_after, loss_before, anchor, plan, solver):
+def _never_worse_than_naive(W, codes, scale, loss_after, loss_before, anchor, plan, solver, energy):
     """An iterative solve can end above naive compression (too few steps, too large a step):
     return the naive weights then, and say so. Penalties trade loss for structure, so their
-    loss may legitimately rise: they are left as solved."""
+    loss may legitimately rise: they are left as solved. ``energy()`` is the loss of the
+    zero weight (the teacher's output energy): when the excess is below 1e-9 of it, the
+    two are equal up to rounding (a layer the teacher already fits), so the naive weights
+    are returned without a warning."""
     if plan.penalties or not loss_after > loss_before * (1 + 1e-9) + 1e-300:
         return W, codes, scale, loss_after, ""
     naive = _naive(anchor, plan)
     naive_codes = plan.codes(anchor * plan.mask) * plan.mask[..., :plan.geometry.cols] if plan.quant else None
+    if loss_after - loss_before <= 1e-9 * abs(energy()):
+        return naive, naive_codes, plan.scale, loss_before, ""
     note = (f"the {solver} solve ended above naive compression (loss {loss_after:.6g} > {loss_before:.6g}); "
             "the naive compression is returned")
     warnings.warn(f"cdfast: {note}", RuntimeWarning, stacklevel=3)

@@ -353,18 +353,18 @@ def _save_checkpoint(path: str, stamp: dict, student: nn.Module, done: list[str]
                      "shrink": dict(report.shrink), "quantized": dict(report.quantized)})
 
 
-#: distill_layer's keywords, read once at import (a wrapped or patched distill_layer keeps them).
-_LAYER_ARGS = frozenset(inspect.signature(distill_layer).parameters)
+#: distill_layer's keywords that compress passes through ``**layer_kwargs``.
+_LAYER_KEYWORDS = frozenset(inspect.signature(distill_layer).parameters) - {
+    "teacher_layer", "h_teacher", "h_student", "batches", "statistics", "compression", "loss", "mu", "solver",
+    "steps", "lr"}
 
 
 def _check_layer_kwargs(layer_kwargs: dict) -> None:
     """``compress``'s extra keywords must be :func:`distill_layer`'s (checked before any work)."""
-    known = set(_LAYER_ARGS) - {
-        "teacher_layer", "h_teacher", "h_student", "batches", "statistics", "compression", "loss", "mu", "solver",
-        "steps", "lr"}
     for k in layer_kwargs:
-        if k not in known:
-            raise TypeError(f"{k}: not an argument of compress or distill_layer (expected one of {sorted(known)})")
+        if k not in _LAYER_KEYWORDS:
+            raise TypeError(f"{k}: not an argument of compress or distill_layer "
+                            f"(expected one of {sorted(_LAYER_KEYWORDS)})")
 
 
 def _check_overrides(overrides) -> dict[str, dict]:

@@ -154,9 +154,29 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
         return_info: also return a dict ``{conv_name: {"err_before", "err_after"}}``
             (relative squared errors of the matched block outputs).
     """
+    for name, value in (("teacher", teacher), ("student", student)):
+        if not isinstance(value, nn.Module):
+            raise TypeError(f"{name}: expected an nn.Module, got {type(value).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < float("inf")):
+        raise ValueError(f"ridge: expected a finite float >= 0, got {ridge!r}")
+    for name, value in (("progress", progress), ("fit_intercept", fit_intercept), ("inplace", inplace),
+                        ("return_info", return_info)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {value!r}")
+    if kept_outputs is not None and not isinstance(kept_outputs, dict):
+        raise TypeError(f"kept_outputs: expected a dict of conv name -> kept channel indices, got "
+                        f"{type(kept_outputs).__name__}")
     batches = calibration_batches(data, batch_size)
     if not batches:
         raise ValueError("data: expected at least one sample")
+    if not all(bool(torch.isfinite(b).all()) for b in batches):
+        raise ValueError("data: contains NaN or Inf")
+    for name, value in (("teacher", teacher), ("student", student)):
+        for pname, p in value.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"{name}: its parameter {pname!r} contains NaN or Inf")
     t_mode, s_mode = teacher.training, student.training
     teacher.eval()
     if not inplace:
