@@ -32,7 +32,12 @@ def _step_widths(plan) -> tuple[int, int, int]:
     full, cols = plan.steps, plan.cols
     if plan.compactable:
         full = min(plan.steps, plan.schedule.final_from)
-        kept = plan.target_channels * plan.geometry.taps + (plan.cols - plan.geometry.cols)
+        geo = plan.geometry
+        if plan.channel is not None:
+            kept = plan.target_channels * geo.taps
+        else:  # a FixedSupport's channels: the same columns in every row (one group)
+            kept = int(plan.mask[0, 0, :geo.cols].sum())
+        kept += plan.cols - geo.cols
         return full, plan.steps - full, kept
     return full, 0, cols
 

@@ -169,7 +169,10 @@ def _sweep_problem(quad: Quadratic, order: torch.Tensor | None, target: torch.Te
     else:
         H = torch.gather(quad.H, 1, order[..., None].expand(G, D, D))
         H = torch.gather(H, 2, order[:, None, :].expand(G, D, D))
-    lam = sweep_damping(quad) * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
+    # a group whose inputs are all zero (a dead channel of a depthwise conv) has H = 0: any
+    # weight is optimal, and λ = 1 keeps its sweep finite (it keeps the target)
+    lam = torch.where(mean_diag > 0, sweep_damping(quad) * mean_diag, torch.ones_like(mean_diag))
     H.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
     U = reverse_cholesky(H)
     prob = _SweepProblem(None, H, U, order, lam, target is None)
