@@ -507,7 +507,7 @@ def cmd_compress(args) -> int:
     settings = {"model": args.model, "weights": args.weights, "data": args.data, "k": args.k, "seed": args.seed,
                 "compression": [str(c) for c in compression], "loss": args.loss, "mu": args.mu,
                 "solver": args.solver, "steps": args.steps, "lr": args.lr, "policy": policy,
-                "batch_size": args.batch_size}
+                "batch_size": args.batch_size, "augment": args.augment}
     settings_path = out / "settings.json"
     if checkpoint.is_file() and settings_path.is_file():
         before = json.loads(settings_path.read_text())
@@ -524,7 +524,8 @@ def cmd_compress(args) -> int:
         print(f"resuming from {checkpoint}")
     small, report = compress(teacher, data, compression=compression, loss=args.loss, mu=args.mu,
                              solver=args.solver, steps=args.steps, lr=args.lr, policy=policy,
-                             batch_size=args.batch_size, checkpoint=str(checkpoint), backend=args.backend,
+                             batch_size=args.batch_size, augment=args.augment, checkpoint=str(checkpoint),
+                             backend=args.backend,
                              progress=sys.stderr.isatty())
     save(small.cpu(), model_path, report)
     report.to_json(str(report_path))
@@ -616,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .layer.distill import distill_layer
     from .layer.losses import LOSSES
     from .layer.solvers import SOLVERS
+    from .model.augment import AUGMENTS
     from .model.compress import POLICIES, compress
 
     solvers = list(dict.fromkeys([*SOLVERS, _library_default(compress, "solver")]))
@@ -662,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "resnet for bundled ResNets)")
     c.add_argument("--batch-size", type=positive_int, default=_library_default(compress, "batch_size"),
                    help="samples per forward pass of the walk")
+    c.add_argument("--augment", choices=AUGMENTS, default=None,
+                   help="also fit on views of the images: flips, 2-pixel shifts, blends of two images (mix)")
     c.add_argument("--backend", default=_library_default(distill_layer, "backend"),
                    choices=["auto", "torch", "cpp", "triton", "cuda"],
                    help="kernels to use (cdfast.backends() says which can run here)")

@@ -29,6 +29,10 @@ def test_views_are_view_major_flips_and_border_repeating_shifts():
     both = views(x, "flip+shift")
     assert both.shape[0] == 10 * n and torch.equal(both[5 * n:6 * n], x.flip(-1))
     assert torch.equal(both[6 * n:7 * n], right.flip(-1))
+    mixed = views(x, "mix")  # image i blended with image i + m (cyclically), m = 1 … 4
+    assert mixed.shape[0] == 5 * n
+    assert torch.allclose(mixed[2 * n + 1], 0.6 * x[1] + 0.4 * x[3]) and torch.allclose(mixed[n + 4], 0.6 * x[4] + 0.4 * x[0])
+    assert views(x, "flip+shift+mix").shape[0] == 18 * n
     assert torch.equal(views(x, lambda t: [t * 2]), torch.cat([x, x * 2]))
     assert views(x, None) is x
 
@@ -79,3 +83,13 @@ def test_compress_with_augment_fits_on_every_view():
     once, _ = cdfast.compress(teacher, x, loss="nc", stats_dtype=torch.float64, **kw)
     for (n, a), (_, b) in zip(once.named_parameters(), twice.named_parameters()):
         assert torch.allclose(a, b, atol=1e-4), n
+
+
+def test_selection_after_the_batchnorm_is_checked_and_runs():
+    teacher = tiny_vgg()
+    x = torch.randn(8, 1, 10, 10, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="select_on"):
+        cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), select_on="bn", progress=False)
+    kw = dict(compression=cdfast.ChannelPrune(0.5), solver="exact", loss="nc", progress=False, verbose=False)
+    small, rep = cdfast.compress(teacher, x, select_on="norm", **kw)  # the weighting itself: tests/test_groups.py
+    assert torch.isfinite(small(x)).all() and small[3].out_channels == 6 and rep.params_after < rep.params_before

@@ -21,6 +21,7 @@ def _held_out_ranking(choice: str) -> list[str]:
 def test_auto_is_the_default_of_compress_and_of_the_cli():
     assert inspect.signature(cdfast.compress).parameters["loss"].default == "auto"
     assert cli.build_parser().parse_args(["compress", "m:f"]).loss == "auto"
+    assert cli.build_parser().parse_args(["compress", "m:f", "--augment", "flip+mix"]).augment == "flip+mix"
     assert all("auto" in methods for methods in grid.METHODS.values())
 
 

@@ -77,7 +77,9 @@ def test_parse_method_options():
     assert parse_method("auto+flip+shift+bias+bn") == ("auto", {"augment": "flip+shift", "fit_bias": True},
                                                        ("bn",))
     assert parse_method("cross+shift+bndrift") == ("cross", {"augment": "shift"}, ("bndrift",))
-    for bad in ("ours", "thinet+flip", "auto+crop", "auto+flip+flip", "nc+bn+bndrift"):
+    assert parse_method("auto+ridge1e-2") == ("auto", {"damping": 0.01}, ())
+    for bad in ("ours", "thinet+flip", "auto+crop", "auto+flip+flip", "nc+bn+bndrift", "auto+ridge", "auto+ridge-1",
+                "auto+ridge1+ridge2"):
         with pytest.raises(ValueError, match="methods"):
             parse_method(bad)
 

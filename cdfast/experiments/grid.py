@@ -17,7 +17,10 @@ after ``+`` (:func:`parse_method`): ``auto+flip+shift`` compresses with
 ``augment="flip+shift"``, ``+bias`` fits each layer's bias (``fit_bias=True``),
 ``+bn`` re-estimates the student's BatchNorm statistics on the (augmented) samples
 afterwards, ``+bndrift`` corrects them by the student's drift from the teacher on
-those samples (:func:`recalibrate_batchnorm`).
+those samples (:func:`recalibrate_batchnorm`), and ``+ridge1e-2`` solves with
+``damping=1e-2``, a ridge pulling each layer towards the teacher's weights;
+``+normsel`` selects channels on the error after each consumer's BatchNorm
+(``select_on="norm"``).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ METHODS = {
 
 
 #: What may follow a cross-distillation method after ``+`` (see the module docstring).
-OPTIONS = ("flip", "shift", "bias", "bn", "bndrift")
+OPTIONS = ("flip", "shift", "mix", "bias", "bn", "bndrift", "normsel", "ridge<δ>")
 FITTED = ("nc", "cross", "soft", "auto")
 
 
@@ -66,17 +69,30 @@ def parse_method(method: str) -> tuple[str, dict, tuple[str, ...]]:
             raise ValueError(f"methods: unknown [{method!r}]; expected some of {sorted(LABELS)} "
                              f"(or one of {list(FITTED)} with options +{'+'.join(OPTIONS)})")
         return base, {}, ()
-    if base not in FITTED or any(o not in OPTIONS for o in opts) or len(set(opts)) < len(opts) \
-            or {"bn", "bndrift"} <= set(opts):
+    ridges = [o for o in opts if o.startswith("ridge")]
+    if base not in FITTED or any(o not in OPTIONS and o not in ridges for o in opts) or len(set(opts)) < len(opts) \
+            or {"bn", "bndrift"} <= set(opts) or len(ridges) > 1 or not all(_ridge(o) for o in ridges):
         raise ValueError(f"methods: {method!r} is not one of {list(FITTED)} followed by distinct options "
                          f"from {list(OPTIONS)} (at most one of bn, bndrift)")
     kw: dict = {}
-    augment = "+".join(o for o in ("flip", "shift") if o in opts)
+    augment = "+".join(o for o in ("flip", "shift", "mix") if o in opts)
     if augment:
         kw["augment"] = augment
     if "bias" in opts:
         kw["fit_bias"] = True
+    if "normsel" in opts:
+        kw["select_on"] = "norm"
+    if ridges:
+        kw["damping"] = _ridge(ridges[0])
     return base, kw, tuple(o for o in opts if o in ("bn", "bndrift"))
+
+
+def _ridge(option: str) -> float | None:
+    try:
+        value = float(option[len("ridge"):])
+    except ValueError:
+        return None
+    return value if 0 < value < 1e3 else None
 
 
 def label(method: str) -> str:

@@ -6,7 +6,9 @@ the fit is underdetermined (``docs/RESULTS.md``). Horizontally flipped and sligh
 shifted copies of the images are new inputs to every layer, from the same images:
 ``augment="flip"`` doubles ``M``, ``"shift"`` multiplies it by 5 (the image and its
 shifts by ``SHIFT`` pixels left, right, up and down, the border pixel repeated) and
-``"flip+shift"`` by 10.
+``"flip+shift"`` by 10. ``"mix"`` adds ``MIXES`` blends ``0.6·x_i + 0.4·x_{i+m}`` of
+each image with another (``m = 1 … MIXES``, cyclically): inputs between the samples,
+which the teacher's features follow as well (``"flip+shift+mix"``: 18 views).
 
 :func:`views` returns the views *view-major*: all ``N`` images, then all their
 flips, … so that view ``v`` of image ``i`` is sample ``v·N + i``. ``loss="auto"``
@@ -21,11 +23,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUGMENTS", "SHIFT", "views", "check_augment"]
+__all__ = ["AUGMENTS", "SHIFT", "MIXES", "views", "check_augment"]
 
-AUGMENTS = ("flip", "shift", "flip+shift")
+AUGMENTS = ("flip", "shift", "flip+shift", "mix", "flip+mix", "shift+mix", "flip+shift+mix")
 #: Pixels of each shift of ``augment="shift"``.
 SHIFT = 2
+#: Blends per image of ``augment="mix"``, and the weight of the image itself.
+MIXES, MIX_WEIGHT = 4, 0.6
 
 
 def check_augment(augment) -> None:
@@ -63,6 +67,8 @@ def views(x: torch.Tensor, augment: str | Callable | None) -> torch.Tensor:
     out = [x]
     if "shift" in augment:
         out += [_shift(x, dy, dx) for dy, dx in ((0, SHIFT), (0, -SHIFT), (SHIFT, 0), (-SHIFT, 0))]
+    if "mix" in augment:
+        out += [MIX_WEIGHT * x + (1 - MIX_WEIGHT) * x.roll(-m, 0) for m in range(1, MIXES + 1)]
     if "flip" in augment:
         out += [v.flip(-1) for v in out]
     return torch.cat(out)

@@ -249,7 +249,7 @@ class _Inputs:
 
 # ------------------------------------------------------------------ selection
 def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, student, batches, spec: LossSpec | None,
-            stats_kw: dict) -> tuple[list[int], dict[str, str]]:
+            stats_kw: dict, select_on: str = "output") -> tuple[list[int], dict[str, str]]:
     """The group's channels to remove: greedy OBS over every consumer's quadratic (``spec``
     None: ``loss="auto"``, each consumer's loss by its rows per column). Returns the
     removed channels and, with ``loss="auto"``, each consumer's selection loss and why."""
@@ -278,7 +278,12 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
             bias = view.bias.detach() if view.bias is not None else anchor.new_zeros(geo.out_channels)
             anchor = torch.cat([anchor, bias.to(anchor).reshape(geo.groups, geo.group_out, 1)], -1)
         quad = Quadratic.from_statistics(stats, layer_spec, anchor)
-        energy = float((torch.bmm(anchor, stats.G_TT.to(anchor)) * anchor).sum())
+        row_energy = (torch.bmm(anchor, stats.G_TT.to(anchor)) * anchor).sum(-1)  # (groups, rows)
+        rows_w = _normalized_row_weights(graph, teacher, name) if select_on == "norm" else None
+        if rows_w is not None:
+            rows_w = rows_w.to(anchor).reshape(row_energy.shape)
+            row_energy = row_energy * rows_w
+        energy = float(row_energy.sum())
         taps = geo.taps
         if inputs.pruned:  # the columns of the inputs the layer still has, in their order
             now = inputs.kept[inputs.kept < geo.group_in] if geo.groups > 1 else inputs.kept
@@ -298,9 +303,23 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
             if bool((counts != counts[0]).any()):
                 raise RuntimeError(f"{name}: a channel group's units read unequal column counts")
             cols = (rel[:, None] * taps + torch.arange(taps)).reshape(len(ids), -1)
-            pieces.append(pieces_of(quad, ids, cols, 1.0 / max(energy * quad.scale, 1e-300), g))
+            pieces.append(pieces_of(quad, ids, cols, 1.0 / max(energy * quad.scale, 1e-300), g,
+                                    None if rows_w is None else rows_w[g]))
     kept = select_shared_channels(pieces, n_units, k, block)
     return torch.nonzero(~kept[unit]).flatten().tolist(), chosen_by
+
+
+def _normalized_row_weights(graph: ModelGraph, teacher: nn.Module, name: str) -> torch.Tensor | None:
+    """``(γ/σ)²`` of the BatchNorm right after layer ``name``, on its remaining outputs: how
+    much each output row's error weighs once normalised (None without such a BatchNorm)."""
+    bn = graph.following_norm(name)
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None:
+        return None
+    bn_t = teacher.get_submodule(graph.names[bn])
+    kept = graph.kept_out[name].to(bn_t.running_var.device)
+    gain = bn_t.weight.detach() if bn_t.weight is not None else torch.ones_like(bn_t.running_var)
+    w = (gain / (bn_t.running_var + bn_t.eps).sqrt()).pow(2)[kept].double()
+    return w / w.mean().clamp_min(1e-300)
 
 
 # ------------------------------------------------------------------ one layer
@@ -405,7 +424,8 @@ def _check_overrides(overrides) -> dict[str, dict]:
 def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", mu: float = 0.9,
              solver: str = "auto", steps: int = 3000, lr: float = 1e-3, policy: str = "auto",
              prune_tied: bool = False, overrides: dict[str, dict] | None = None, batch_size: int = 256,
-             fold_bn: bool = False, augment=None, checkpoint: str | None = None, progress: bool = True,
+             fold_bn: bool = False, augment=None, select_on: str = "output", checkpoint: str | None = None,
+             progress: bool = True,
              verbose: bool = True, **layer_kwargs):
     """Compress ``teacher`` from a few calibration samples; returns ``(student, report)``.
 
@@ -446,6 +466,9 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
             four directions), ``"flip+shift"`` (10), or a callable ``x -> list of views``
             shaped like ``x``. Every layer is fit on all views; ``loss="auto"`` holds out
             whole images with their views.
+        select_on: what channel selection weighs: ``"output"`` (default) each consumer's
+            output error, ``"norm"`` that error after the BatchNorm that follows the
+            consumer (each output row weighted by ``(γ/σ)²``).
         checkpoint: path of a file written after every layer; when it exists the
             compression resumes after the last finished layer (the removed channels
             are replayed on a fresh copy of the teacher first).
@@ -465,6 +488,8 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
         check_bool(name, flag)
     check_positive_int("batch_size", batch_size)
     check_augment(augment)
+    if select_on not in ("output", "norm"):
+        raise ValueError(f"select_on: expected 'output' or 'norm', got {select_on!r}")
     compression = normalize(compression)
     _check_layer_kwargs(layer_kwargs)
     check_arguments(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, compression=compression,
@@ -530,7 +555,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
     if checkpoint:
         settings = dict(compression=compression, loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, policy=policy,
                         prune_tied=prune_tied, overrides=overrides, batch_size=batch_size,
-                        augment=getattr(augment, "__qualname__", augment), **layer_kwargs)
+                        augment=getattr(augment, "__qualname__", augment), select_on=select_on, **layer_kwargs)
         stamp = ckpt.fingerprint(teacher, batches, settings)
         state = ckpt.load(checkpoint, stamp)
         if state is not None:
@@ -571,7 +596,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
             for g in group_of.get(name, []):  # the first reader of a group chooses its channels
                 if g.root not in selected:
                     removed, why = _select(g, keep[g.root], graph, teacher, student, batches, select_spec,
-                                           stats_kw)
+                                           stats_kw, select_on)
                     selection[g.root] = why
                     graph.prune(g, removed)
                     pruned.append((g.root, removed))
