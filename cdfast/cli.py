@@ -517,7 +517,7 @@ def cmd_compress(args) -> int:
     settings = {"model": args.model, "weights": args.weights, "data": args.data, "k": args.k, "seed": args.seed,
                 "compression": [str(c) for c in compression], "loss": args.loss, "mu": args.mu,
                 "solver": args.solver, "steps": args.steps, "lr": args.lr, "policy": policy,
-                "batch_size": args.batch_size}
+                "batch_size": args.batch_size, "augment": args.augment}
     settings_path = out / "settings.json"
     if checkpoint.is_file() and settings_path.is_file():
         before = json.loads(settings_path.read_text())
@@ -534,11 +534,14 @@ def cmd_compress(args) -> int:
         print(f"resuming from {checkpoint}")
     small, report = compress(teacher, data, compression=compression, loss=args.loss, mu=args.mu,
                              solver=args.solver, steps=args.steps, lr=args.lr, policy=policy,
-                             batch_size=args.batch_size, checkpoint=str(checkpoint), backend=args.backend,
+                             batch_size=args.batch_size, augment=args.augment, checkpoint=str(checkpoint),
+                             backend=args.backend,
                              progress=sys.stderr.isatty())
     save(small.cpu(), model_path, report)
     report.to_json(str(report_path))
     checkpoint.unlink(missing_ok=True)
+    if report.choices():
+        print("\nloss chosen per layer (--loss auto):\n" + report.choices())
     print(f"\nwalk: {report.walk}; {report.samples} samples; {report.seconds:.1f} s")
     print(f"params {report.params_before:,} -> {report.params_after:,}; "
           f"FLOPs {report.flops_before:,} -> {report.flops_after:,}")
@@ -552,14 +555,15 @@ def cmd_compress(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from .experiments.grid import METHODS, markdown, read_rows, run_experiment, write_outputs
+    from .experiments.grid import markdown, parse_method, read_rows, run_experiment, write_outputs
 
     for m in args.models:
         _bundled_name(m)
-    known = sorted({m for ms in METHODS.values() for m in ms})
-    unknown = sorted(set(args.methods or ()) - set(known))
-    if unknown:
-        raise CLIError(f"--methods: unknown {unknown}; expected some of {known}")
+    for m in args.methods or ():
+        try:
+            parse_method(m)
+        except ValueError as exc:
+            raise CLIError(f"--{exc}") from None
     out = _make(_out_folder(args, "experiment"))
     csv_path = out / "results.csv"
     args.resume_hint = f"rows measured so far are in {csv_path}; to resume, run: {_resume_command(args.argv, out)}"
@@ -623,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .layer.distill import distill_layer
     from .layer.losses import LOSSES
     from .layer.solvers import SOLVERS
+    from .model.augment import AUGMENTS
     from .model.compress import POLICIES, compress
 
     solvers = list(dict.fromkeys([*SOLVERS, _library_default(compress, "solver")]))
@@ -653,10 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", type=fraction, help="channel pruning: fraction of input channels kept")
     c.add_argument("--density", type=fraction, help="unstructured pruning: fraction of weights kept")
     c.add_argument("--bits", type=bits, help="weight quantization bits (2..8)")
-    c.add_argument("--loss", default=_library_default(compress, "loss"), choices=LOSSES,
-                   help="the distillation loss (cross: the paper's; nc: without crossing)")
+    c.add_argument("--loss", default=_library_default(compress, "loss"), choices=("auto",) + LOSSES,
+                   help="the distillation loss (auto: each layer chooses nc or cross on held-out folds of the "
+                        "samples; cross: the paper's; nc: without crossing)")
     c.add_argument("--mu", type=unit, default=_library_default(compress, "mu"),
-                   help="weight of the correction term of the cross loss")
+                   help="weight of the correction term of the cross loss (--loss cross)")
     c.add_argument("--solver", default=_library_default(compress, "solver"), choices=solvers,
                    help="per-layer solver (exact: linear solves, greedy channel selection, GPTQ-style rounding)")
     c.add_argument("--steps", type=positive_int, default=_library_default(compress, "steps"),
@@ -668,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "resnet for bundled ResNets)")
     c.add_argument("--batch-size", type=positive_int, default=_library_default(compress, "batch_size"),
                    help="samples per forward pass of the walk")
+    c.add_argument("--augment", choices=AUGMENTS, default=None,
+                   help="also fit on views of the images: flips, 2-pixel shifts, blends of two images (mix)")
     c.add_argument("--backend", default=_library_default(distill_layer, "backend"),
                    choices=["auto", "torch", "cpp", "triton", "cuda"],
                    help="kernels to use (cdfast.backends() says which can run here)")
@@ -701,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ks", nargs="+", type=positive_int, default=[1, 2, 5, 10], help="images per class")
     e.add_argument("--seeds", nargs="+", type=nonneg_int, default=[0, 1, 2], help="seeds of the image draws")
     e.add_argument("--methods", nargs="+", default=None,
-                   help="run only these methods (default: every method of each task)")
+                   help="run only these methods (default: every method of each task); nc, cross, soft or "
+                        "auto may take options, e.g. auto+flip+shift+bias+bn (see cdfast.experiments.grid)")
     e.add_argument("--solver", default="exact", choices=solvers, help="per-layer solver")
     e.add_argument("--steps", type=positive_int, default=3000, help="iterations of adam/sgd per layer")
     e.add_argument("--epochs", type=positive_int, default=3, help="teacher training epochs")

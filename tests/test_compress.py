@@ -56,8 +56,8 @@ def test_pruned_layer_is_the_fixed_support_solve():
     teacher = tiny_vgg()
     x = torch.randn(16, 1, 10, 10)
     kw = dict(solver="exact", stats_dtype=torch.float64, mu=0.9)
-    small, rep = cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), progress=False, verbose=False,
-                                 **kw)
+    small, rep = cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), loss="cross", progress=False,
+                                 verbose=False, **kw)
     kept = rep.kept_outputs["0"]
     assert len(kept) == 4
     with torch.no_grad():

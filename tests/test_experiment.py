@@ -6,8 +6,13 @@ skips cleanly without it; the table and validation tests run everywhere.
 import os
 
 import pytest
+import torch
+import torch.nn as nn
 
-from cdfast.experiments.grid import Row, markdown, read_rows, run_experiment, write_outputs
+import cdfast
+from cdfast.experiments.grid import (Row, markdown, parse_method, read_rows, recalibrate_batchnorm, run_experiment,
+                                     write_outputs)
+from test_compress import tiny_vgg
 
 ROOT = os.environ.get("CDFAST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 needs_data = pytest.mark.skipif(not os.path.isdir(ROOT), reason="Fashion-MNIST not installed "
@@ -112,3 +117,45 @@ def test_baselines_and_fskd_name_their_bad_arguments():
         broken[0].weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="^student: its parameter '0.weight'"):
         fskd(net, broken, x)
+
+
+def test_parse_method_options():
+    assert parse_method("auto") == ("auto", {}, ())
+    assert parse_method("auto+flip+shift+bias+bn") == ("auto", {"augment": "flip+shift", "fit_bias": True},
+                                                       ("bn",))
+    assert parse_method("cross+shift+bndrift") == ("cross", {"augment": "shift"}, ("bndrift",))
+    assert parse_method("auto+ridge1e-2") == ("auto", {"damping": 0.01}, ())
+    for bad in ("ours", "thinet+flip", "auto+crop", "auto+flip+flip", "nc+bn+bndrift", "auto+ridge", "auto+ridge-1",
+                "auto+ridge1+ridge2"):
+        with pytest.raises(ValueError, match="methods"):
+            parse_method(bad)
+
+
+def test_batchnorm_recalibration():
+    teacher = tiny_vgg()
+    x = torch.randn(20, 1, 10, 10, generator=torch.Generator().manual_seed(6))
+    # the student is the teacher: the drift correction leaves its statistics as they are
+    same = recalibrate_batchnorm(teacher, tiny_vgg(), x, drift=True)
+    for a, b in zip(teacher.modules(), same.modules()):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5)
+            assert torch.allclose(a.running_var, b.running_var, rtol=1e-4)
+    # a shrunk student: plain re-estimation gives its batch statistics on x
+    small, _ = cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), solver="exact", loss="nc",
+                               progress=False, verbose=False)
+    recalibrate_batchnorm(teacher, small, x, drift=False)
+    h = small[0](x)
+    assert torch.allclose(small[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(small[1].running_var, h.var((0, 2, 3), unbiased=False), atol=1e-5)
+    # and the drift correction runs on it: the teacher's statistics moved by the student's drift
+    small2, _ = cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), solver="exact", loss="nc",
+                                progress=False, verbose=False)
+    kept = small2[1].num_features
+    recalibrate_batchnorm(teacher, small2, x, drift=True)
+    assert small2[1].running_mean.shape == (kept,) and torch.isfinite(small2(x)).all()
+
+
+def test_tables_name_the_method_options():
+    rows = [Row("resnet20", "channel", m, 1, s, 90.0 + s, 100, 1.0) for m in ("auto", "auto+flip+bias") for s in (0, 1)]
+    table = markdown(rows)
+    assert "| Ours-auto | 100 | 90.50 ± 0.71 |" in table and "| Ours-auto + flip + bias | 100 |" in table

@@ -124,3 +124,25 @@ def test_fixed_support_bad_arguments():
     with pytest.raises(ValueError, match="out of range"):
         cdfast.distill_layer(torch.nn.Linear(4, 2), torch.randn(8, 4), torch.randn(8, 4),
                              compression=cdfast.FixedSupport(channels=[5]))
+
+
+def test_row_weights_weigh_each_output_rows_obs_cost():
+    """With ``row_weight`` the greedy removes, at each step, the unit whose removal leaves the
+    smallest row-weighted OBS cost ``Σ_r w_r x*_{r,Z} [(H_δ⁻¹)_ZZ]⁻¹ x*_{r,Z}ᵀ`` (float64 reference)."""
+    _, _, quad = _quad(c_in=7, c_out=5, seed=6)
+    w = torch.tensor([100.0, 1e-3, 1e-3, 1e-3, 1e-3], dtype=torch.float64)  # row 0 decides
+    x_star = quad.minimizer()[0]
+    hinv = torch.linalg.inv(quad.damped_H()[0])
+
+    def total(removed):
+        Z = torch.cat([torch.arange(c * 9, c * 9 + 9) for c in removed])
+        xz = x_star[:, Z]
+        return float((w * ((xz @ torch.linalg.inv(hinv[Z][:, Z])) * xz).sum(1)).sum())
+
+    removed: list[int] = []
+    for _ in range(4):
+        removed.append(min((u for u in range(7) if u not in removed), key=lambda u: total(removed + [u])))
+    got = select_shared_channels([pieces_of(quad, *_units(7, 9), row_weight=w)], 7, 3)
+    assert sorted(torch.nonzero(~got).flatten().tolist()) == sorted(removed)
+    unweighted = select_shared_channels([pieces_of(quad, *_units(7, 9))], 7, 3)
+    assert not torch.equal(got, unweighted)  # the weights change the choice on this layer

@@ -177,3 +177,21 @@ def test_streaming_statistics_equal_one_pass_and_half_inputs():
     half = cdfast.LayerStatistics(layer).update(h_t.half(), h_s.half())
     assert half.G_TT.dtype == torch.float32
     assert rel_err(half.G_TT, one.G_TT) < 1e-2
+
+
+def test_robust_cholesky_factors_a_dead_group_with_rounding_noise_off_its_diagonal():
+    """A group whose inputs are dead in every sample: zero diagonal, float32 rounding noise
+    (±2^-22) off it. The other group, positive definite, factors as without it."""
+    from cdfast.layer.losses import robust_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(9, 20, generator=g, dtype=torch.float64)
+    good = A @ A.T
+    noise = torch.zeros(9, 9, dtype=torch.float64)
+    noise[0, 8] = noise[8, 0] = 2.0 ** -22
+    noise[2, 5] = noise[5, 2] = -(2.0 ** -22)
+    L = robust_cholesky(torch.stack([good, noise]))
+    assert torch.isfinite(L).all()
+    assert torch.allclose(L[0], torch.linalg.cholesky(good))
+    rebuilt = L[1] @ L[1].T
+    assert torch.allclose(rebuilt, noise, atol=9 * 2.0 ** -22 * 1.01) and torch.linalg.eigvalsh(rebuilt).min() > 0

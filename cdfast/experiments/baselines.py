@@ -14,7 +14,7 @@ thinet    greedy channel removal minimising the layer-output reconstruction erro
           (Luo et al. 2017), then least squares on the kept channels
 cp        LASSO channel selection (He et al. 2017), then least squares
 fskd      l1, then :func:`cdfast.model.fskd.fskd`
-nc/cross/soft  :func:`cdfast.compress` with ``loss=`` that name
+nc/cross/soft/auto  :func:`cdfast.compress` with ``loss=`` that name
 ========  ====================================================================
 
 Layer selection is :func:`cdfast.compress`'s policy (``"resnet"``: each block's
@@ -45,7 +45,7 @@ from ..model.walk import capture_input, execution_order
 
 __all__ = ["run", "METHODS", "layer_gram_terms", "reconstruction_error"]
 
-METHODS = ("l1", "bp", "fitnet", "thinet", "cp", "fskd", "nc", "cross", "soft")
+METHODS = ("l1", "bp", "fitnet", "thinet", "cp", "fskd", "nc", "cross", "soft", "auto")
 
 
 # ------------------------------------------------------------------ helpers
@@ -361,7 +361,7 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
         raise ValueError("data: expected at least one sample")
     shape = tuple(xs[0].shape[1:])
     info: dict = {"method": method, "keep": keep, "policy": policy}
-    if method in ("nc", "cross", "soft"):
+    if method in ("nc", "cross", "soft", "auto"):
         from ..model.compress import compress
 
         ckw = dict(progress=False, verbose=False)
@@ -372,7 +372,8 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
                                    batch_size=batch_size, **ckw)
         info["shrink"] = report.shrink
         info["layers"] = {l.name: {"loss_before": l.loss_before, "loss_after": l.loss_after,
-                                   "action": l.action} for l in report.layers}
+                                   "action": l.action, "loss": l.loss, "choice": l.choice}
+                          for l in report.layers}
     elif method in ("thinet", "cp"):
         student, kept, leaves, layers = _reconstruct(teacher, xs, keep, policy, method)
         info["layers"] = layers

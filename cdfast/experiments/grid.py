@@ -11,6 +11,16 @@ Tasks:
     ``weight``   unstructured pruning to 30 % density (first conv kept dense);
     ``w4``/``w2`` 4-/2-bit weights with a per-channel scale (first conv and
                  classifier kept in full precision, as is customary).
+
+A cross-distillation method (``nc``, ``cross``, ``soft``, ``auto``) takes options
+after ``+`` (:func:`parse_method`): ``auto+flip+shift`` compresses with
+``augment="flip+shift"``, ``+bias`` fits each layer's bias (``fit_bias=True``),
+``+bn`` re-estimates the student's BatchNorm statistics on the (augmented) samples
+afterwards, ``+bndrift`` corrects them by the student's drift from the teacher on
+those samples (:func:`recalibrate_batchnorm`), and ``+ridge1e-2`` solves with
+``damping=1e-2``, a ridge pulling each layer towards the teacher's weights;
+``+normsel`` selects channels on the error after each consumer's BatchNorm
+(``select_on="norm"``).
 """
 from __future__ import annotations
 
@@ -31,18 +41,107 @@ from .data import few_shot, load_fashion_mnist
 from .models import count_parameters
 from .train import evaluate, train_teacher
 
-__all__ = ["run_experiment", "write_outputs", "read_rows", "METHODS", "TASKS"]
+__all__ = ["run_experiment", "write_outputs", "read_rows", "parse_method", "recalibrate_batchnorm", "METHODS",
+           "TASKS", "OPTIONS"]
 
 TASKS = ("channel", "weight", "w4", "w2")
 LABELS = {"teacher": "Teacher", "l1": "L1-norm", "bp": "BP", "fitnet": "FitNet", "fskd": "FSKD",
           "thinet": "ThiNet", "cp": "CP", "naive": "No reconstruction", "nc": "Ours-NC", "cross": "Ours",
-          "soft": "Ours-S"}
+          "soft": "Ours-S", "auto": "Ours-auto"}
 METHODS = {
-    "channel": ("teacher", "l1", "bp", "fskd", "thinet", "cp", "nc", "cross", "soft"),
-    "weight": ("teacher", "naive", "nc", "cross", "soft"),
-    "w4": ("teacher", "naive", "nc", "cross", "soft"),
-    "w2": ("teacher", "naive", "nc", "cross", "soft"),
+    "channel": ("teacher", "l1", "bp", "fskd", "thinet", "cp", "nc", "cross", "soft", "auto"),
+    "weight": ("teacher", "naive", "nc", "cross", "soft", "auto"),
+    "w4": ("teacher", "naive", "nc", "cross", "soft", "auto"),
+    "w2": ("teacher", "naive", "nc", "cross", "soft", "auto"),
 }
+
+
+#: What may follow a cross-distillation method after ``+`` (see the module docstring).
+OPTIONS = ("flip", "shift", "mix", "bias", "bn", "bndrift", "normsel", "ridge<δ>")
+FITTED = ("nc", "cross", "soft", "auto")
+
+
+def parse_method(method: str) -> tuple[str, dict, tuple[str, ...]]:
+    """``"auto+flip+bias"`` → ``("auto", {"augment": "flip", "fit_bias": True}, ())``: the
+    base method, :func:`cdfast.compress`'s extra keywords, and the BatchNorm step after it."""
+    base, *opts = str(method).split("+")
+    if not opts:
+        if base not in LABELS:
+            raise ValueError(f"methods: unknown [{method!r}]; expected some of {sorted(LABELS)} "
+                             f"(or one of {list(FITTED)} with options +{'+'.join(OPTIONS)})")
+        return base, {}, ()
+    ridges = [o for o in opts if o.startswith("ridge")]
+    if base not in FITTED or any(o not in OPTIONS and o not in ridges for o in opts) or len(set(opts)) < len(opts) \
+            or {"bn", "bndrift"} <= set(opts) or len(ridges) > 1 or not all(_ridge(o) for o in ridges):
+        raise ValueError(f"methods: {method!r} is not one of {list(FITTED)} followed by distinct options "
+                         f"from {list(OPTIONS)} (at most one of bn, bndrift)")
+    kw: dict = {}
+    augment = "+".join(o for o in ("flip", "shift", "mix") if o in opts)
+    if augment:
+        kw["augment"] = augment
+    if "bias" in opts:
+        kw["fit_bias"] = True
+    if "normsel" in opts:
+        kw["select_on"] = "norm"
+    if ridges:
+        kw["damping"] = _ridge(ridges[0])
+    return base, kw, tuple(o for o in opts if o in ("bn", "bndrift"))
+
+
+def _ridge(option: str) -> float | None:
+    try:
+        value = float(option[len("ridge"):])
+    except ValueError:
+        return None
+    return value if 0 < value < 1e3 else None
+
+
+def label(method: str) -> str:
+    base, *opts = method.split("+")
+    return " + ".join([LABELS[base], *opts])
+
+
+def recalibrate_batchnorm(teacher: nn.Module, student: nn.Module, x: torch.Tensor, drift: bool) -> nn.Module:
+    """Re-estimate the student's BatchNorm statistics on ``x``, in execution order (each
+    from the student as already corrected up to it).
+
+    ``drift=False``: the running mean and variance become the student's batch statistics.
+    ``drift=True``: they become the teacher's running statistics corrected by the
+    student's drift on ``x``: ``mean_S − mean_T`` added to the mean, the variance scaled
+    by ``var_S / var_T`` (the sampling error of ``x``'s statistics is common to both)."""
+    from ..model.walk import capture_input, execution_order
+
+    _, leaves = execution_order(student, x[:1])
+    bns = [n for n in dict.fromkeys(leaves) if isinstance(student.get_submodule(n), nn.BatchNorm2d)]
+    for name in bns:
+        bn_s, bn_t = student.get_submodule(name), teacher.get_submodule(name)
+        h_s = capture_input(lambda: student(x), bn_s)
+        mean_s, var_s = h_s.mean((0, 2, 3)), h_s.var((0, 2, 3), unbiased=False)
+        if drift:
+            h_t = capture_input(lambda: teacher(x), bn_t)
+            kept = _kept_channels(bn_t, bn_s)
+            mean_t, var_t = h_t.mean((0, 2, 3))[kept], h_t.var((0, 2, 3), unbiased=False)[kept]
+            mean = bn_t.running_mean[kept] + mean_s - mean_t
+            var = bn_t.running_var[kept] * var_s / var_t.clamp_min(1e-12)
+        else:
+            mean, var = mean_s, var_s
+        with torch.no_grad():
+            bn_s.running_mean.copy_(mean)
+            bn_s.running_var.copy_(var)
+    return student
+
+
+def _kept_channels(bn_t: nn.BatchNorm2d, bn_s: nn.BatchNorm2d) -> torch.Tensor:
+    """The teacher's channels a shrunk student BatchNorm kept (surgery copies their affine
+    parameters and statistics unchanged, so they are found by value)."""
+    if bn_s.num_features == bn_t.num_features:
+        return torch.arange(bn_t.num_features)
+    key_t = torch.stack([bn_t.weight, bn_t.bias, bn_t.running_mean, bn_t.running_var], 1).detach()
+    key_s = torch.stack([bn_s.weight, bn_s.bias, bn_s.running_mean, bn_s.running_var], 1).detach()
+    match = (key_s[:, None, :] == key_t[None, :, :]).all(-1)
+    if not bool((match.sum(1) == 1).all()):
+        raise RuntimeError("recalibrate_batchnorm: cannot tell which teacher channels a student BatchNorm kept")
+    return match.float().argmax(1)
 
 
 @dataclass
@@ -65,14 +164,20 @@ def _run_method(method: str, task: str, model_name: str, teacher: nn.Module, x: 
                 solver: str, steps: int, seed: int) -> nn.Module:
     policy = "resnet" if model_name.startswith("resnet") else "skip_first"
     mu = _mu(model_name)
+    base, kw, after = parse_method(method)
     if task == "channel":
-        return baselines.run(method, teacher, x, keep=0.5, labels=y, policy=policy, steps=steps, seed=seed,
-                             solver=solver, mu=mu)[0]
-    comp = WeightPrune(0.3) if task == "weight" else Quantize(4 if task == "w4" else 2)
-    if method == "naive":
-        return naive_compress(teacher, comp)
-    student, _ = compress(teacher, x, compression=comp, loss=method, mu=mu, policy="skip_first", solver=solver,
-                          steps=steps, progress=False, verbose=False)
+        student = baselines.run(base, teacher, x, keep=0.5, labels=y, policy=policy, steps=steps, seed=seed,
+                                solver=solver, mu=mu, **kw)[0]
+    elif base == "naive":
+        return naive_compress(teacher, WeightPrune(0.3) if task == "weight" else Quantize(4 if task == "w4" else 2))
+    else:
+        comp = WeightPrune(0.3) if task == "weight" else Quantize(4 if task == "w4" else 2)
+        student, _ = compress(teacher, x, compression=comp, loss=base, mu=mu, policy="skip_first", solver=solver,
+                              steps=steps, progress=False, verbose=False, **kw)
+    if after:
+        from ..model.augment import views
+
+        recalibrate_batchnorm(teacher, student, views(x, kw.get("augment")), drift=after[0] == "bndrift")
     return student
 
 
@@ -181,10 +286,10 @@ def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), s
     """
     if methods is not None and not isinstance(methods, dict):
         chosen = list(methods)
-        unknown = sorted(set(chosen) - set(LABELS))
-        if unknown:
-            raise ValueError(f"methods: unknown {unknown}; expected some of {sorted(LABELS)}")
-        methods = {t: tuple(m for m in METHODS[t] if m in chosen) for t in TASKS}
+        bases = {m: parse_method(m)[0] for m in chosen}  # validates every name
+        # a task runs its default methods that were chosen, then the chosen variants of them
+        methods = {t: tuple(m for m in METHODS[t] if m in chosen)
+                   + tuple(m for m in chosen if m != bases[m] and bases[m] in METHODS[t]) for t in TASKS}
     unknown_tasks = sorted(set(tasks) - set(TASKS))
     if unknown_tasks:
         raise ValueError(f"tasks: unknown {unknown_tasks}; expected some of {list(TASKS)}")
@@ -224,7 +329,7 @@ def run_experiment(models=("resnet20",), tasks=("channel",), ks=(1, 2, 5, 10), s
                             acc = evaluate(model.eval(), test)
                         rows.append(Row(model_name, task, method, k, seed, acc, count_parameters(model),
                                         time.perf_counter() - t0))
-                        log(f"{model_name:10s} {task:8s} K={k:<3d} seed={seed} {LABELS[method]:18s} "
+                        log(f"{model_name:10s} {task:8s} K={k:<3d} seed={seed} {label(method):18s} "
                             f"{acc:6.2f}%  {rows[-1].params:8d} params  {rows[-1].seconds:6.1f}s")
                         if csv_path is not None:
                             _append_row(str(csv_path), rows[-1])
@@ -276,7 +381,7 @@ def markdown(rows: list[Row]) -> str:
             cells = [_cell(by_k[k], n_full) if k in by_k else "" for k in ks]
             params = next(iter(by_k.values()))[3]
             secs = sum(v[4] for v in by_k.values()) / len(by_k)
-            lines.append(f"| {LABELS[method]} | {params:,} | " + " | ".join(cells) + f" | {secs:.1f} |")
+            lines.append(f"| {label(method)} | {params:,} | " + " | ".join(cells) + f" | {secs:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +415,7 @@ def write_outputs(rows: list[Row], out_dir: str) -> dict:
                     continue
                 ks = sorted(by_k)
                 ax.errorbar(ks, [by_k[k][0] for k in ks], yerr=[by_k[k][1] for k in ks], marker="o", capsize=3,
-                            label=LABELS[method], color=f"C{i % 10}",
+                            label=label(method), color=f"C{i % 10}",
                             linestyle="--" if method == "teacher" else "-")
             ax.set_xscale("log")
             ax.set_xticks(sorted({r.k for r in rows}))

@@ -68,17 +68,28 @@ def robust_cholesky(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
 
     Rounding can leave a damped but nearly singular ``H`` (few rows, dead channels)
     with a tiny negative pivot; the jitter starts at 1e-7·mean(diag H) and grows
-    tenfold until the factorisation succeeds.
+    tenfold until the factorisation succeeds. A group whose input is dead in every
+    sample has a zero diagonal, and its float32 statistics can still leave rounding
+    noise off the diagonal (``G_TT + G_ET + G_ETᵀ + G_EE`` cancelling to ``G_SS ≈ 0``);
+    its jitter is then scaled by ``D·max|H|``, which makes ``H`` diagonally dominant
+    (Gershgorin) by the last step.
     """
     L, info = torch.linalg.cholesky_ex(H, upper=upper)
-    if not bool((info > 0).any()):
+    failed = info > 0
+    if not bool(failed.any()):
         return L
-    d = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(H.dtype).tiny)
+    tiny = torch.finfo(H.dtype).tiny
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    for p in range(-7, 1):
-        L, info = torch.linalg.cholesky_ex(H + (10.0 ** p) * d[..., None, None] * eye, upper=upper)
-        if not bool((info > 0).any()):
-            return L
+    for d in (torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).abs(), H.abs().amax((-2, -1)) * H.shape[-1]):
+        d = d.clamp_min(tiny)
+        for p in range(-7, 1):
+            # only the groups that still fail get jitter: the others keep their exact factor
+            L_p, info = torch.linalg.cholesky_ex(H + failed[..., None, None] * (10.0 ** p) * d[..., None, None] * eye,
+                                                 upper=upper)
+            L = torch.where(failed[..., None, None], L_p, L)
+            failed = failed & (info > 0)
+            if not bool(failed.any()):
+                return L
     raise ValueError("H: the layer's Gram matrix is not positive semi-definite (NaN or Inf in the inputs?)")
 
 LOSSES = ("nc", "correction", "imitation", "cross", "soft")

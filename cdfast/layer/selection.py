@@ -66,13 +66,19 @@ class FoldedStatistics:
 
     Use it like :class:`LayerStatistics` (``update``, ``all_reduce``); :meth:`total`
     gives the statistics of all samples, :meth:`without` those of all folds but one.
+    With ``period=N`` the samples are views of ``N`` images, view-major (sample ``s``
+    is a view of image ``s mod N``, :func:`cdfast.model.augment.views`): the fold is
+    dealt by image, so every view of an image falls in the same fold.
     """
 
-    def __init__(self, layer, folds: int = 3, **kwargs):
+    def __init__(self, layer, folds: int = 3, period: int | None = None, **kwargs):
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
             raise ValueError(f"folds: expected an int >= 2, got {folds!r}")
+        if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < folds):
+            raise ValueError(f"period: expected None or an int >= folds ({folds}), got {period!r}")
         self.parts = [LayerStatistics(layer, **kwargs) for _ in range(folds)]
         self.geometry: LayerGeometry = self.parts[0].geometry
+        self.period = period
         self._dealt = 0
 
     @property
@@ -81,7 +87,8 @@ class FoldedStatistics:
 
     def update(self, h_teacher: torch.Tensor, h_student: torch.Tensor) -> "FoldedStatistics":
         F = len(self.parts)
-        order = (torch.arange(h_teacher.shape[0]) + self._dealt) % F
+        index = torch.arange(h_teacher.shape[0]) + self._dealt
+        order = (index % self.period if self.period else index) % F
         for f in range(F):
             idx = torch.nonzero(order == f).flatten()
             if idx.numel():

@@ -37,6 +37,7 @@ from ..layer.solvers.shared import pieces_of, select_shared_channels
 from ..layer.selection import AUTO_CANDIDATES, FoldedStatistics, rule_of_thumb
 from ..layer.statistics import LayerStatistics
 from . import checkpoint as ckpt
+from .augment import check_augment, views
 from .counting import count_flops, count_parameters
 from .graph import ChannelGroup, ModelGraph, is_depthwise
 from .surgery import fold_batchnorm
@@ -65,12 +66,15 @@ class LayerReport:
     seconds: float = 0.0
     solver: str = ""
     backend: str = ""
+    loss: str = ""         # the loss the layer was fit with, e.g. "nc" or "cross(mu=0.9)"
+    choice: str = ""       # with loss="auto": why that loss (held-out scores, or the M/D rule)
 
     def line(self) -> str:
         extra = f"bits={self.bits} " if self.bits else ""
+        fit = f" [{self.loss}]" if self.loss else ""
         return (f"{self.name:28s} {self.action:10s} loss {self.loss_before:.4g} -> {self.loss_after:.4g}  "
                 f"ch {self.kept_channels}/{self.in_channels} sparsity {self.sparsity:.2f} {extra}"
-                f"M/D {self.rows}/{self.cols} {self.seconds:.2f}s")
+                f"M/D {self.rows}/{self.cols} {self.seconds:.2f}s{fit}")
 
 
 @dataclass
@@ -85,6 +89,7 @@ class CompressionReport:
     seconds: float = 0.0
     walk: str = "recompute-from-input"
     samples: int = 0
+    views: int = 1         # inputs per calibration sample (``augment``)
     #: consumer layer → ``"removed"`` when some of its input channels were removed
     shrink: dict = field(default_factory=dict)
     #: one entry per channel group: root, channels before/after, consumers, and the status
@@ -106,6 +111,10 @@ class CompressionReport:
 
     def table(self) -> str:
         return "\n".join(l.line() for l in self.layers)
+
+    def choices(self) -> str:
+        """With ``loss="auto"``: each fitted layer's loss and why it was chosen, one per line."""
+        return "\n".join(f"{l.name:28s} {l.choice}" for l in self.layers if l.choice)
 
 
 # --------------------------------------------------------------------- the policy
@@ -240,17 +249,18 @@ class _Inputs:
 
 # ------------------------------------------------------------------ selection
 def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, student, batches, spec: LossSpec | None,
-            stats_kw: dict) -> list[int]:
+            stats_kw: dict, select_on: str = "output") -> tuple[list[int], dict[str, str]]:
     """The group's channels to remove: greedy OBS over every consumer's quadratic (``spec``
-    None: ``loss="auto"``, each consumer's loss by its rows per column)."""
+    None: ``loss="auto"``, each consumer's loss by its rows per column). Returns the
+    removed channels and, with ``loss="auto"``, each consumer's selection loss and why."""
     root = student.get_submodule(group.root)
     channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
     unit, block = group.units(channels)
     n_units, n_blocks = len(block), int(block.max()) + 1
     k = max(n_blocks, int(keep * n_units + 1e-9) // n_blocks * n_blocks)
     if k >= n_units:
-        return []
-    pieces = []
+        return [], {}
+    pieces, chosen_by = [], {}
     for name, (idx, root_idx) in graph.consumer_columns(group).items():
         inputs = _Inputs(name, teacher, student, graph)
         view = _teacher_view(inputs.layer_t, graph.kept_out[name])
@@ -258,8 +268,9 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
         stats.all_reduce()
         geo = stats.geometry
         if spec is None:  # loss="auto": the rows-per-column rule picks the selection's loss
-            chosen = rule_of_thumb(stats).chosen
-            layer_spec = AUTO_CANDIDATES[0] if chosen == "nc" else AUTO_CANDIDATES[1]
+            rule = rule_of_thumb(stats)
+            chosen_by[name] = str(rule)
+            layer_spec = AUTO_CANDIDATES[0] if rule.chosen == "nc" else AUTO_CANDIDATES[1]
         else:
             layer_spec = spec
         anchor = geo.weight_matrix(view.weight.detach().to(stats.dtype))
@@ -267,7 +278,12 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
             bias = view.bias.detach() if view.bias is not None else anchor.new_zeros(geo.out_channels)
             anchor = torch.cat([anchor, bias.to(anchor).reshape(geo.groups, geo.group_out, 1)], -1)
         quad = Quadratic.from_statistics(stats, layer_spec, anchor)
-        energy = float((torch.bmm(anchor, stats.G_TT.to(anchor)) * anchor).sum())
+        row_energy = (torch.bmm(anchor, stats.G_TT.to(anchor)) * anchor).sum(-1)  # (groups, rows)
+        rows_w = _normalized_row_weights(graph, teacher, name) if select_on == "norm" else None
+        if rows_w is not None:
+            rows_w = rows_w.to(anchor).reshape(row_energy.shape)
+            row_energy = row_energy * rows_w
+        energy = float(row_energy.sum())
         taps = geo.taps
         if inputs.pruned:  # the columns of the inputs the layer still has, in their order
             now = inputs.kept[inputs.kept < geo.group_in] if geo.groups > 1 else inputs.kept
@@ -287,20 +303,35 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
             if bool((counts != counts[0]).any()):
                 raise RuntimeError(f"{name}: a channel group's units read unequal column counts")
             cols = (rel[:, None] * taps + torch.arange(taps)).reshape(len(ids), -1)
-            pieces.append(pieces_of(quad, ids, cols, 1.0 / max(energy * quad.scale, 1e-300), g))
+            pieces.append(pieces_of(quad, ids, cols, 1.0 / max(energy * quad.scale, 1e-300), g,
+                                    None if rows_w is None else rows_w[g]))
     kept = select_shared_channels(pieces, n_units, k, block)
-    return torch.nonzero(~kept[unit]).flatten().tolist()
+    return torch.nonzero(~kept[unit]).flatten().tolist(), chosen_by
+
+
+def _normalized_row_weights(graph: ModelGraph, teacher: nn.Module, name: str) -> torch.Tensor | None:
+    """``(γ/σ)²`` of the BatchNorm right after layer ``name``, on its remaining outputs: how
+    much each output row's error weighs once normalised (None without such a BatchNorm)."""
+    bn = graph.following_norm(name)
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None:
+        return None
+    bn_t = teacher.get_submodule(graph.names[bn])
+    kept = graph.kept_out[name].to(bn_t.running_var.device)
+    gain = bn_t.weight.detach() if bn_t.weight is not None else torch.ones_like(bn_t.running_var)
+    w = (gain / (bn_t.running_var + bn_t.eps).sqrt()).pow(2)[kept].double()
+    return w / w.mean().clamp_min(1e-300)
 
 
 # ------------------------------------------------------------------ one layer
 def fit_layer(name: str, teacher: nn.Module, student: nn.Module, graph: ModelGraph, batches, items: tuple,
-              kw: dict, data_form: bool, keep_zeros: bool = False):
+              kw: dict, data_form: bool, keep_zeros: bool = False, images: int | None = None):
     """Fit student layer ``name`` to the teacher's by :func:`cdfast.distill_layer`; write it back.
 
     The teacher layer keeps its full input width (restricted to the outputs the student
     still has); the student's removed inputs are a :class:`FixedSupport` (with
     ``keep_zeros``, the student's zero weights as well; see :class:`_Inputs` for ``h^S``).
-    Returns ``(result, inputs, rows M, columns D)``.
+    ``images``: the batches are views of that many images, view-major (``augment``), and
+    ``loss="auto"`` holds out images, not views. Returns ``(result, inputs, rows M, columns D)``.
     """
     kw = dict(kw)
     inputs = _Inputs(name, teacher, student, graph)
@@ -332,8 +363,10 @@ def fit_layer(name: str, teacher: nn.Module, student: nn.Module, graph: ModelGra
         stats_kw = dict(dtype=kw.pop("stats_dtype", torch.float32), fit_bias=kw.pop("fit_bias", False),
                         backend=kw.get("backend", "auto"))
         samples = sum(len(b) for b in batches)
-        if kw.get("loss") == "auto" and samples >= 2:  # held-out folds to choose the loss on
-            stats = FoldedStatistics(view, folds=min(AUTO_FOLDS, samples), **stats_kw)
+        images = images or samples
+        if kw.get("loss") == "auto" and images >= 2:  # held-out folds to choose the loss on
+            folds = min(AUTO_FOLDS, images)
+            stats = FoldedStatistics(view, folds=folds, period=images if images < samples else None, **stats_kw)
         else:
             stats = LayerStatistics(view, **stats_kw)
         stats.update_many(pairs).all_reduce()
@@ -347,13 +380,14 @@ def fit_layer(name: str, teacher: nn.Module, student: nn.Module, graph: ModelGra
 
 # --------------------------------------------------------------- checkpoints
 def _save_checkpoint(path: str, stamp: dict, student: nn.Module, done: list[str], report: CompressionReport,
-                     pruned: list) -> None:
+                     pruned: list, selection: dict) -> None:
     ckpt.save(path, {"fingerprint": stamp, "student": student.state_dict(), "done": list(done),
                      "pruned": [(r, list(rm)) for r, rm in pruned], "layers": [asdict(l) for l in report.layers],
-                     "shrink": dict(report.shrink), "quantized": dict(report.quantized)})
+                     "shrink": dict(report.shrink), "quantized": dict(report.quantized), "selection": selection})
 
 
-#: distill_layer's keywords that compress passes through ``**layer_kwargs``.
+#: The keywords ``compress`` passes on to :func:`distill_layer`: read once, from the function
+#: itself (a wrapper installed later, a test's say, does not change them).
 _LAYER_KEYWORDS = frozenset(inspect.signature(distill_layer).parameters) - {
     "teacher_layer", "h_teacher", "h_student", "batches", "statistics", "compression", "loss", "mu", "solver",
     "steps", "lr"}
@@ -387,10 +421,11 @@ def _check_overrides(overrides) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------ compress
-def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross", mu: float = 0.9,
+def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", mu: float = 0.9,
              solver: str = "auto", steps: int = 3000, lr: float = 1e-3, policy: str = "auto",
              prune_tied: bool = False, overrides: dict[str, dict] | None = None, batch_size: int = 256,
-             fold_bn: bool = False, checkpoint: str | None = None, progress: bool = True,
+             fold_bn: bool = False, augment=None, select_on: str = "output", checkpoint: str | None = None,
+             progress: bool = True,
              verbose: bool = True, **layer_kwargs):
     """Compress ``teacher`` from a few calibration samples; returns ``(student, report)``.
 
@@ -401,11 +436,20 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         compression: constraint(s) for the layers the policy compresses. A
             ``ChannelPrune(keep)`` removes channel groups (physically, from every layer
             that holds them); ``Quantize``/``WeightPrune``/… apply to each layer.
-        loss, mu, solver, steps, lr: as :func:`cdfast.distill_layer` (``solver="auto"``:
-            the exact solver where it applies; the iterative settings default to the
-            authors' ResNet-56 ones, μ=0.9, lr=1e-3). Channels are always chosen on the
-            quadratic of the ``linear`` objective by the group OBS rule; ``solver`` fits
-            the weights.
+        loss: ``"auto"`` (default): each layer chooses among ``nc`` and ``cross`` with
+            μ = 0.9, 0.7, 0.5 the one with the lowest ``nc`` loss on held-out folds of
+            the samples (:mod:`cdfast.layer.selection`; with one sample or an iterative
+            solver, ``cross`` μ = 0.9 where the layer has fewer than 2 sampled rows per
+            weight column, else ``nc``). Each layer's choice and why are in
+            ``report.layers[i].loss`` / ``.choice`` (``report.choices()``); the channels
+            of a group are selected with the rows-per-column rule on each consumer
+            (``report.groups[j]["selection_loss"]``). Or any loss of
+            :func:`cdfast.distill_layer` (``"nc"``, ``"cross"`` …) for every layer.
+        mu, solver, steps, lr: as :func:`cdfast.distill_layer` (``mu`` only for
+            ``loss="cross"``; ``solver="auto"``: the exact solver where it applies; the
+            iterative settings default to the authors' ResNet-56 ones, μ=0.9, lr=1e-3).
+            Channels are always chosen on the quadratic of the ``linear`` objective by the
+            group OBS rule; ``solver`` fits the weights.
         policy: ``"auto"`` (default: every Conv2d/Linear compressed but the layers that
             read the model's input), ``"resnet"`` (only the layers that read a channel
             group not tied to a residual stream; the rest refit, as the paper does for
@@ -417,6 +461,14 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
             ``{"layer3.0.conv2": {"compression": None, "steps": 500}}``; ``{"action":
             "skip"}`` leaves a layer untouched, ``{"action": "refit"}`` refits it only.
         fold_bn: fold BatchNorms into the preceding convs at the end.
+        augment: more sampled rows from the same images (:mod:`cdfast.model.augment`):
+            ``"flip"`` (2 views per image), ``"shift"`` (5: shifted by 2 pixels in the
+            four directions), ``"flip+shift"`` (10), or a callable ``x -> list of views``
+            shaped like ``x``. Every layer is fit on all views; ``loss="auto"`` holds out
+            whole images with their views.
+        select_on: what channel selection weighs: ``"output"`` (default) each consumer's
+            output error, ``"norm"`` that error after the BatchNorm that follows the
+            consumer (each output row weighted by ``(γ/σ)²``).
         checkpoint: path of a file written after every layer; when it exists the
             compression resumes after the last finished layer (the removed channels
             are replayed on a fresh copy of the teacher first).
@@ -435,6 +487,9 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
                        ("verbose", verbose)):
         check_bool(name, flag)
     check_positive_int("batch_size", batch_size)
+    check_augment(augment)
+    if select_on not in ("output", "norm"):
+        raise ValueError(f"select_on: expected 'output' or 'norm', got {select_on!r}")
     compression = normalize(compression)
     _check_layer_kwargs(layer_kwargs)
     check_arguments(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, compression=compression,
@@ -449,6 +504,9 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         raise ValueError("data: expected at least one calibration sample, got none")
     for b in batches:
         check_tensor("data", b)
+    images = sum(len(b) for b in batches)
+    if augment is not None:  # view-major: view v of image i is sample v·N + i
+        batches = list(views(torch.cat(batches), augment).split(batch_size))
     params = list(teacher.parameters())
     device = params[0].device if params else torch.device("cpu")
     if batches[0].device != device:
@@ -482,7 +540,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         del keep[root]
     report = CompressionReport(params_before=count_parameters(teacher),
                                flops_before=count_flops(teacher, (1, *batches[0].shape[1:]), batched=True),
-                               samples=sum(len(b) for b in batches))
+                               samples=images, views=sum(len(b) for b in batches) // images)
 
     group_of = {}  # consumer → groups it reads that are to be pruned, in graph order
     for g in graph.groups:
@@ -493,10 +551,11 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
 
     done: list[str] = []
     pruned: list[tuple[str, list[int]]] = []
-    stamp = None
+    stamp, state = None, None
     if checkpoint:
         settings = dict(compression=compression, loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, policy=policy,
-                        prune_tied=prune_tied, overrides=overrides, batch_size=batch_size, **layer_kwargs)
+                        prune_tied=prune_tied, overrides=overrides, batch_size=batch_size,
+                        augment=getattr(augment, "__qualname__", augment), select_on=select_on, **layer_kwargs)
         stamp = ckpt.fingerprint(teacher, batches, settings)
         state = ckpt.load(checkpoint, stamp)
         if state is not None:
@@ -513,6 +572,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
             report.shrink = dict(state["shrink"])
             report.quantized = dict(state["quantized"])
     selected = {r for r, _ in pruned}
+    selection: dict[str, dict[str, str]] = dict(state.get("selection", {})) if state else {}
 
     loss_kw = {k: layer_kwargs[k] for k in ("alpha", "beta") if k in layer_kwargs}
     select_spec = None if loss == "auto" else LossSpec(loss, mu, objective="linear", **loss_kw)
@@ -535,7 +595,9 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
             t0 = time.perf_counter()
             for g in group_of.get(name, []):  # the first reader of a group chooses its channels
                 if g.root not in selected:
-                    removed = _select(g, keep[g.root], graph, teacher, student, batches, select_spec, stats_kw)
+                    removed, why = _select(g, keep[g.root], graph, teacher, student, batches, select_spec,
+                                           stats_kw, select_on)
+                    selection[g.root] = why
                     graph.prune(g, removed)
                     pruned.append((g.root, removed))
                     selected.add(g.root)
@@ -543,11 +605,13 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
             kw.update(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr)
             kw.update({k: v for k, v in overrides.get(name, {}).items() if k not in ("action", "compression")})
             items = tuple(c for c in constraints[name] if not isinstance(c, ChannelPrune))
-            res, inputs, rows, cols = fit_layer(name, teacher, student, graph, batches, items, kw, data_form)
+            res, inputs, rows, cols = fit_layer(name, teacher, student, graph, batches, items, kw, data_form,
+                                                images=images)
             kept_in = len(inputs.kept)
             action = "compressed" if items or inputs.pruned else "refit"
             lr_ = LayerReport(name, action, res.loss_before, res.loss_after, inputs.full, kept_in, res.sparsity, res.bits,
-                              rows, cols, time.perf_counter() - t0, res.solver, res.backend)
+                              rows, cols, time.perf_counter() - t0, res.solver, res.backend, res.loss,
+                              str(res.loss_choice) if res.loss_choice is not None else "")
             report.layers.append(lr_)
             if res.codes is not None:
                 report.quantized[name] = {"codes": res.codes, "scale": res.scale, "bits": res.bits}
@@ -557,7 +621,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
             if verbose:
                 tqdm.write(lr_.line())
             if checkpoint:
-                _save_checkpoint(checkpoint, stamp, student, done, report, pruned)
+                _save_checkpoint(checkpoint, stamp, student, done, report, pruned, selection)
     except KeyboardInterrupt:
         where = f"{len(done)} of {len(order)} layers"
         if checkpoint:
@@ -576,9 +640,11 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "cross",
         status = ("pruned" if removed is not None else g.reason or
                   ("tied to a residual stream" if g.tied and not prune_tied else
                    "too few channels for the ratio" if g.root in too_small else "not compressed"))
-        report.groups.append({"root": g.root, "channels": g.channels,
-                              "kept": g.channels - len(removed or []), "consumers": list(g.consumers),
-                              "status": status})
+        entry = {"root": g.root, "channels": g.channels, "kept": g.channels - len(removed or []),
+                 "consumers": list(g.consumers), "status": status}
+        if selection.get(g.root):  # loss="auto": the loss each consumer's selection quadratic used, and why
+            entry["selection_loss"] = selection[g.root]
+        report.groups.append(entry)
     report.kept_outputs = {n: graph.kept_out[n].clone() for n in graph.layers
                            if len(graph.kept_out[n]) < ModelGraph._width(teacher.get_submodule(n), "out")}
     if fold_bn:

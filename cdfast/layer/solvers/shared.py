@@ -45,11 +45,15 @@ class SelectionPiece:
 
 
 def pieces_of(quad: Quadratic, units: torch.Tensor, cols: torch.Tensor, weight: float = 1.0,
-              group: int = 0) -> SelectionPiece:
+              group: int = 0, row_weight: torch.Tensor | None = None) -> SelectionPiece:
     """The selection piece of group ``group`` of ``quad``: its unconstrained optimum ``W*``
-    (damped, as the exact solver forms it) and ``H⁻¹``, in float64."""
+    (damped, as the exact solver forms it) and ``H⁻¹``, in float64. ``row_weight`` (one
+    per output row of the group) weighs each row's share of the OBS cost: the rows of
+    ``W`` are scaled by its square root, which the OBS update, linear in each row, keeps."""
     quad = quad.to(torch.float64)
     W = quad.minimizer()[group]
+    if row_weight is not None:
+        W = W * row_weight.to(W).sqrt()[:, None]
     Hinv = torch.cholesky_inverse(robust_cholesky(quad.damped_H()[group]))
     return SelectionPiece(W.clone(), Hinv, units.to(W.device).long(), cols.to(W.device).long(),
                           float(weight) * quad.scale)
