@@ -6,7 +6,9 @@ kernel happens to do; it is the numerator of "achieved FLOP/s" and of the floor
 """
 from __future__ import annotations
 
+import csv
 import ctypes
+import math
 import gc
 import os
 import platform
@@ -333,3 +335,34 @@ def layer_work(shape: LayerShape, impl: str, steps: int, keep: float) -> tuple[f
     if impl == "cdfast_solver":
         return solve_f, solve_b
     return stat_f + solve_f, stat_b + solve_b
+
+
+def format_cell(v):
+    """A CSV cell: None and NaN empty, bools as 0/1, floats to 6 significant digits."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def merge_csv(rows: list[dict], path: Path, columns: list[str], key) -> None:
+    """Write ``rows`` to ``path``: rows already there with the same ``key(row)`` are
+    replaced, all others kept (so runs of a subset of cases, or of other devices,
+    accumulate in one file); written to a temporary file and renamed."""
+    new = [{k: format_cell(v) for k, v in r.items()} for r in rows]
+    keys = {key(r) for r in new}
+    kept = []
+    if path.exists():
+        with path.open(newline="") as f:
+            kept = [r for r in csv.DictReader(f) if key(r) not in keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in kept + new:
+            w.writerow(r)
+    tmp.replace(path)

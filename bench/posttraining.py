@@ -41,7 +41,6 @@ The peers are in :mod:`bench.peers` (written from the papers, not the library).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics as st
 import sys
@@ -295,19 +294,7 @@ def run_case(case: Case, tasks, repeats: int, common: dict, log, adam: bool = Fa
 
 def write_csv(rows: list[dict], path: Path) -> None:
     """Rows of the same (case, task, impl) already in ``path`` are replaced, the others kept."""
-    key = lambda r: (r["case"], r["task"], r["impl"])
-    new = {key(r) for r in rows}
-    kept = []
-    if path.exists():
-        with path.open(newline="") as f:
-            kept = [r for r in csv.DictReader(f) if key(r) not in new]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in kept + [{k: fmt(v) for k, v in r.items()} for r in rows]:
-            w.writerow(r)
+    Hn.merge_csv(rows, path, COLUMNS, lambda r: (r["case"], r["task"], r["impl"]))
 
 
 def main(argv=None) -> Path:

@@ -14,9 +14,7 @@ same run (time and peak memory), and both final losses, evaluated the same way
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
-import math
 import sys
 import time
 import traceback
@@ -50,18 +48,6 @@ LOSS_TOL = 1e-3
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _fmt(v):
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        return f"{v:.6g}"
-    return v
 
 
 class Runner:
@@ -297,23 +283,9 @@ def _key(r: dict) -> tuple:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Write ``rows`` to ``path``: rows already there for the same (case, impl, device,
-    device name) are replaced, all others kept, so runs of other devices (or of a
-    subset of cases, ``--only``) accumulate in one file."""
-    new = [{k: _fmt(v) for k, v in r.items()} for r in rows]
-    keys = {_key(r) for r in new}
-    kept = []
-    if path.exists():
-        with path.open(newline="") as f:
-            kept = [r for r in csv.DictReader(f) if _key(r) not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in kept + new:
-            w.writerow(r)
-    tmp.replace(path)
+    """Rows already in ``path`` for the same (case, impl, device, device name) are
+    replaced, all others kept, so runs of other devices (or of ``--only``) accumulate."""
+    H.merge_csv(rows, path, COLUMNS, _key)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
