@@ -122,3 +122,10 @@ def check_finite_module(name: str, module) -> None:
     for pname, p in module.named_parameters(recurse=False):
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"{name}: its {pname} contains NaN or Inf")
+
+
+def check_finite_model(name: str, model) -> None:
+    """Every parameter of a whole network (a NaN anywhere makes every layer's result NaN)."""
+    for pname, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{name}: its parameter {pname!r} contains NaN or Inf")

@@ -101,9 +101,11 @@ def test_baselines_and_fskd_name_their_bad_arguments():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(4, 1, 6, 6)
     for kwargs, match in ((dict(keep=1.5), "keep"), (dict(keep=0.5, steps=0), "steps"),
-                          (dict(keep=0.5, lr=float("nan")), "lr"), (dict(keep=0.5, batch_size=2.5), "batch_size")):
+                          (dict(keep=0.5, lr=float("nan")), "lr")):
         with pytest.raises(ValueError, match=f"^{match}:"):
             run("l1", net, x, **kwargs)
+    with pytest.raises(TypeError, match="^batch_size:"):  # not an int at all
+        run("l1", net, x, keep=0.5, batch_size=2.5)
     with pytest.raises(TypeError, match="^teacher:"):
         run("l1", "net", x, keep=0.5)
     for kwargs, match in ((dict(batch_size=0), "batch_size"), (dict(ridge=-1.0), "ridge"),

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._validation import check_fraction, check_positive_float, check_positive_int
 from ..layer.constraints import ChannelPrune
 from ..model.compress import plan_policy
 from ..model.graph import ModelGraph
@@ -344,14 +345,12 @@ def run(method: str, teacher: nn.Module, data, *, keep: float, labels=None, poli
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher: expected an nn.Module, got {type(teacher).__name__}")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise ValueError(f"keep: expected a fraction in (0, 1], got {keep!r}")
-    for name, value, low in (("seed", seed, 0), ("batch_size", batch_size, 1)) + \
-            ((("steps", steps, 1),) if steps is not None else ()):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-        raise ValueError(f"lr: expected a finite float > 0, got {lr!r}")
+    check_fraction("keep", keep)
+    check_positive_int("seed", seed, 0)
+    check_positive_int("batch_size", batch_size)
+    if steps is not None:
+        check_positive_int("steps", steps)
+    check_positive_float("lr", lr)
     start = time.perf_counter()
     torch.manual_seed(seed)
     t_mode = teacher.training

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .._validation import check_bool, check_positive_int, check_tensor
+from .._validation import check_bool, check_finite_model, check_positive_int, check_tensor
 from ..layer.constraints import ChannelPrune, FixedSupport, normalize
 from ..layer.distill import AUTO_FOLDS, check_arguments, distill_layer
 from ..layer.geometry import LayerGeometry
@@ -511,9 +511,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
     device = params[0].device if params else torch.device("cpu")
     if batches[0].device != device:
         raise ValueError(f"data: expected tensors on the model's device {device}, got {batches[0].device}")
-    for name, p in teacher.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"teacher: its parameter {name!r} contains NaN or Inf")
+    check_finite_model("teacher", teacher)
     teacher_mode = teacher.training
     teacher.eval()
     example = batches[0][:1]

@@ -28,6 +28,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from .._validation import check_bool, check_finite_model, check_nonneg_float, check_positive_int
 from .walk import StopForward, as_sequence, calibration_batches, execution_order
 
 __all__ = ["fskd", "fskd_blocks", "block_end_convs"]
@@ -157,14 +158,11 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
     for name, value in (("teacher", teacher), ("student", student)):
         if not isinstance(value, nn.Module):
             raise TypeError(f"{name}: expected an nn.Module, got {type(value).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < float("inf")):
-        raise ValueError(f"ridge: expected a finite float >= 0, got {ridge!r}")
+    check_positive_int("batch_size", batch_size)
+    check_nonneg_float("ridge", ridge)
     for name, value in (("progress", progress), ("fit_intercept", fit_intercept), ("inplace", inplace),
                         ("return_info", return_info)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: expected a bool, got {value!r}")
+        check_bool(name, value)
     if kept_outputs is not None and not isinstance(kept_outputs, dict):
         raise TypeError(f"kept_outputs: expected a dict of conv name -> kept channel indices, got "
                         f"{type(kept_outputs).__name__}")
@@ -173,10 +171,8 @@ def fskd(teacher: nn.Module, student: nn.Module, data, batch_size: int = 256, pr
         raise ValueError("data: expected at least one sample")
     if not all(bool(torch.isfinite(b).all()) for b in batches):
         raise ValueError("data: contains NaN or Inf")
-    for name, value in (("teacher", teacher), ("student", student)):
-        for pname, p in value.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                raise ValueError(f"{name}: its parameter {pname!r} contains NaN or Inf")
+    check_finite_model("teacher", teacher)
+    check_finite_model("student", student)
     t_mode, s_mode = teacher.training, student.training
     teacher.eval()
     if not inplace:
