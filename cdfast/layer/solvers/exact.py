@@ -268,8 +268,10 @@ def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor | None, sup
     rule = ColumnRule(mask, scale, q.bits, wc)
     Q = sweep(prob.T, prob.U, rule, block_op=ops.sweep)
     UT = upper_t_mul(prob.U, prob.T)
-    for _ in range(QUANT_PASSES):
-        _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
+    _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
+    for i in range(QUANT_PASSES):
+        if i:
+            _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
         Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block_op=ops.coordinate)
     scale = rule.scale.transpose(1, 2)  # (G, R, 1)
     return prob.back(Q), (scale if q.per_channel else scale[:1, :1, :1]).contiguous(), _loss(quad, prob, Q, Y)
