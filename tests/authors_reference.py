@@ -15,6 +15,20 @@ import torch
 import torch.nn as nn
 
 
+def authors_channel_counts(ci: int, target: int, steps: int) -> list[int]:
+    """The input channels the procedure keeps after each ramp step ``i = 0 … ⌊T/3⌋``.
+
+    The released ``chnl_learner.py``'s formula, evaluated in its order (the fraction first,
+    then the product). It reaches ``target`` only when ``T/3`` is close enough to an
+    integer: with ``T = 20`` it stops at ``target + ⌊(C_in − target)/10⌋`` (281 of 512
+    channels for a target of 256), a budget cdfast's schedule does not share (it always
+    ends on the target), so comparisons with cdfast use step counts where it does.
+    """
+    third = steps / 3
+    return [int((ci - target) * float((third - i) / third)) + target if third > 0 else target
+            for i in range(steps // 3 + 1)]
+
+
 def authors_channel_prune(teacher: nn.Conv2d, h_t: torch.Tensor, h_s: torch.Tensor, keep: float,
                           steps: int, lr: float, mu: float | None = 0.6, record: bool = False,
                           compile_step: bool = False):
@@ -46,7 +60,7 @@ def authors_channel_prune(teacher: nn.Conv2d, h_t: torch.Tensor, h_s: torch.Tens
         return mu * lc + (1 - mu) * li
 
     step_loss = torch.compile(loss_fn) if compile_step else loss_fn
-    third = steps / 3
+    counts = authors_channel_counts(ci, target, steps)
     for i in range(steps):
         loss = step_loss()
         opt.zero_grad()
@@ -60,8 +74,7 @@ def authors_channel_prune(teacher: nn.Conv2d, h_t: torch.Tensor, h_s: torch.Tens
         if record:
             losses.append(float(loss.detach()))
         if i <= steps // 3:
-            # the released chnl_learner.py's order: the fraction first, then the product
-            left = int((ci - target) * float((third - i) / third)) + target if third > 0 else target
+            left = counts[i]
             if left < prev:
                 with torch.no_grad():
                     norms = weight.permute(1, 0, 2, 3).reshape(ci, -1).norm(dim=1)

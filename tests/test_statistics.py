@@ -115,6 +115,10 @@ def test_lowrank_quadratic_equals_the_dense_one(loss, fit_bias):
     W = A + 0.3 * torch.randn_like(A)
     assert abs(float(low.loss(W) - ref.loss(W))) < 1e-12 * float(ref.loss(W))
     assert rel_err(low.grad(W), ref.grad(W)) < 1e-12
+    (g_low, v_low), (g_ref, v_ref) = low.step_terms(W - A, 0.7, True), ref.step_terms(W - A, 0.7, True)
+    assert rel_err(g_low, 0.7 * (ref.hmul(W - A) + ref.F)) < 1e-12 and rel_err(g_ref, g_low) < 1e-12
+    assert abs(float(v_low - v_ref)) < 1e-12 * abs(float(v_ref)) and low.step_terms(W - A, 0.7, False)[1] is None
+    assert abs(float(low.scale * v_low - low.loss(W))) < 1e-12 * float(low.loss(W))
     assert rel_err(low.row_values(W), ref.row_values(W)) < 1e-12
     cols = torch.tensor([0, 2, 3, 5, 8, 9, 13])
     assert rel_err(low.restrict(cols).loss(W[..., cols]), ref.restrict(cols).loss(W[..., cols])) < 1e-12
@@ -141,6 +145,25 @@ def test_adam_takes_the_same_steps_on_both_forms():
     with pytest.raises(ValueError, match="fewer sampled rows"):
         cdfast.distill_layer(conv, torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5), form="lowrank", solver="adam",
                              steps=2)
+
+
+def test_cross_loss_with_fewer_rows_than_columns_follows_the_authors_procedure():
+    """M = 16 rows < D = 108 columns, the cross loss (two terms on distinct inputs, F = 0):
+    the low-rank form takes the authors' steps in float64, and at T = 21 both keep the budget."""
+    from authors_reference import authors_channel_prune
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(12, 5, 3, padding=1).double()
+    h_t = torch.randn(1, 12, 4, 4, dtype=F64)
+    h_s = h_t + 0.3 * torch.randn_like(h_t)
+    steps, lr = 21, 1e-2
+    w_ref, mask_ref, losses = authors_channel_prune(conv, h_t, h_s, 0.5, steps, lr, 0.6, record=True)
+    res = cdfast.distill_layer(conv, h_t, h_s, loss="cross", mu=0.6, compression=ChannelPrune(0.5), solver="adam",
+                               steps=steps, lr=lr, stats_dtype=F64, log_every=1)
+    assert res.form == "lowrank" and res.kept_channels.numel() == 6 == int(mask_ref[0, :, 0, 0].sum())
+    for (step, ours), theirs in zip(res.history, losses):
+        assert abs(ours - theirs) <= 1e-9 * max(1.0, abs(theirs)), step
+    assert torch.equal(res.mask, mask_ref) and float((res.weight - w_ref).abs().max()) < 1e-10
 
 
 def test_form_auto_counts_the_work():

@@ -330,7 +330,8 @@ def distill_layer(teacher_layer: nn.Module,
                              f"than columns; got {stats.rows} rows for {stats.dim} columns")
         # the exact solver forms H itself; its loss values are cheaper on the factor
         lowrank = form == "lowrank" or solver == "exact"
-        quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping, lowrank=lowrank)
+        quad = Quadratic.from_statistics(stats, spec, anchor, dtype=work_dtype, damping=damping, lowrank=lowrank,
+                                         unseen=solver == "exact")
         loss_teacher = float(quad.teacher_loss())
         if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
             W, history, backend_used, solver = anchor.clone(), [(0, 0.0)], "torch", "none"

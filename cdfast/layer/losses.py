@@ -266,11 +266,13 @@ class Quadratic:
     @classmethod
     def from_statistics(cls, stats, spec: LossSpec, teacher_matrix: torch.Tensor,
                         dtype: torch.dtype | None = None, damping: float = 1e-6,
-                        lowrank: bool = False) -> "Quadratic":
+                        lowrank: bool = False, unseen: bool = True) -> "Quadratic":
         """Build the quadratic of ``spec`` from a filled :class:`LayerStatistics`.
 
         ``lowrank``: keep ``H`` as the factor ``Z`` when the statistics hold the unfolded
         inputs (``stats.representation == "lowrank"``); otherwise ``H`` is formed.
+        ``unseen``: measure :attr:`unseen` (only the exact solver reads it; with ``M < D``
+        rows it costs an ``M × M`` float64 Gram and its Cholesky factor), else leave it 0.
         """
         if spec.objective != "linear":
             raise ValueError("objective: the Gram form exists only for objective='linear'; "
@@ -282,7 +284,7 @@ class Quadratic:
         # spectral norm; damping below that would invert rounding noise along the null
         # space of H (M < D), so δ never goes under it.
         damping = max(damping, torch.finfo(stats.dtype).eps * stats.dim)
-        unseen = stats.unseen_energy()
+        unseen = stats.unseen_energy() if unseen else 0.0
         terms = spec.terms
         e_coef = sum(t.weight * (t.d - t.b) ** 2 for t in terms)
         if stats.representation == "lowrank":
@@ -295,12 +297,13 @@ class Quadratic:
             else:
                 qs = [x + t.d * e if t.d else x for t in terms]
                 Z = torch.cat([math.sqrt(t.weight) * q for t, q in zip(terms, qs)], dim=2)
-                ae = torch.bmm(a, e)  # A·E, (G, R, M)
-                Fm = torch.zeros_like(a)
-                for t, q in zip(terms, qs):
-                    if t.d != t.b:
-                        Fm.baddbmm_(ae, q.transpose(1, 2), alpha=t.weight * (t.d - t.b))
-                f0 = e_coef * ae.pow(2).sum() if e_coef else a.new_zeros(())
+                Fm, f0 = torch.zeros_like(a), a.new_zeros(())
+                if any(t.d != t.b for t in terms):  # else (cross: like inputs) F = 0 and f₀ = 0
+                    ae = torch.bmm(a, e)  # A·E, (G, R, M)
+                    for t, q in zip(terms, qs):
+                        if t.d != t.b:
+                            Fm.baddbmm_(ae, q.transpose(1, 2), alpha=t.weight * (t.d - t.b))
+                    f0 = e_coef * ae.pow(2).sum()
             if lowrank:
                 return cls(None, Fm, a, f0, scale, damping, unseen, factor=Z.contiguous())
             from .statistics import symmetric_gram
@@ -378,15 +381,15 @@ class Quadratic:
         if self.H is not None:
             H_in = self.H[:, cols][:, :, cols].contiguous()
             F_in = self.F[..., cols] - torch.bmm(a_out, self.H[:, out][:, :, cols])
-            a_h = torch.bmm(a_out, self.H[:, out][:, :, out])
+            out_energy = (torch.bmm(a_out, self.H[:, out][:, :, out]) * a_out).sum()  # tr(A_out H_out,out A_outᵀ)
             Z_in = None
         else:
             az = torch.bmm(a_out, self.factor[:, out])  # A_out·Z_out
             Z_in = self.factor[:, cols].contiguous()
             F_in = self.F[..., cols] - torch.bmm(az, Z_in.transpose(1, 2))
-            a_h = torch.bmm(az, self.factor[:, out].transpose(1, 2))
+            out_energy = az.pow(2).sum()  # the same trace, ‖A_out·Z_out‖²: no product with Z_outᵀ
             H_in = None
-        f0 = self.f0 + (a_h * a_out).sum() - 2 * (a_out * self.F[..., out]).sum()
+        f0 = self.f0 + out_energy - 2 * (a_out * self.F[..., out]).sum()
         return Quadratic(H_in, F_in.contiguous(), self.anchor[..., cols].contiguous(), f0,
                          self.scale, self.damping, self.unseen, Z_in)
 
@@ -401,14 +404,32 @@ class Quadratic:
         """``ΔH + F`` (the gradient is ``2s`` times this)."""
         return self.residual(W - self.anchor)
 
+    def _lowrank_value(self, delta: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """``tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀`` from ``dz = Δ·Z``: ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``, no second product."""
+        return dz.pow(2).sum() + 2 * torch.dot(delta.reshape(-1), self.F.reshape(-1)) + self.f0
+
     def loss(self, W: torch.Tensor) -> torch.Tensor:
         """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range)."""
         delta = W - self.anchor
-        if self.H is None:  # tr(ΔHΔᵀ) = ‖Δ·Z‖²: one product, not two
-            value = torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F).sum() + self.f0
+        if self.H is None:
+            value = self._lowrank_value(delta, torch.bmm(delta, self.factor))
         else:
             value = (delta * (self.residual(delta) + self.F)).sum() + self.f0
         return self.scale * value.double()
+
+    def step_terms(self, delta: torch.Tensor, alpha: float, want_value: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(α·(ΔH + F), tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀)`` at ``Δ``, the value only when ``want_value``
+        (else None): an iterative step's gradient (``α = 2s``) and its loss without ``s``.
+        On the low-rank form both come from one ``Δ·Z``: the value is ``‖Δ·Z‖²`` and ``α`` is
+        applied inside the second product, so nothing of size ``C_out × D`` is swept again."""
+        if self.H is not None:
+            G = self.residual(delta)
+            value = (delta * (G + self.F)).sum() + self.f0 if want_value else None
+            return G.mul_(alpha), value
+        dz = torch.bmm(delta, self.factor)
+        value = self._lowrank_value(delta, dz) if want_value else None
+        return torch.baddbmm(self.F, dz, self.factor.transpose(1, 2), beta=alpha, alpha=alpha), value
 
     def teacher_loss(self) -> torch.Tensor:
         """``L(A) = s·f₀``: the loss at the teacher's weight, without a product (float64, as :meth:`loss`)."""

@@ -242,12 +242,10 @@ class TorchGramEngine:
     # -- one step
     def step(self, i: int, lr: float, want_value: bool, keep_previous: bool) -> torch.Tensor | None:
         q = self.quad
-        delta = self.effective() - q.anchor
-        G = q.residual(delta)
-        value = (delta * (G + q.F)).sum() + q.f0 if want_value else None
+        G, value = q.step_terms(self.effective() - q.anchor, self.two_s, want_value)
         if keep_previous:
             self.prev = self.W.clone()
-        self.opt.step(self.W, G.mul_(self.two_s), lr, self._mask())
+        self.opt.step(self.W, G, lr, self._mask())
         return value
 
     def after_step(self, i: int, lr: float) -> None:
