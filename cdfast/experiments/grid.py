@@ -57,7 +57,7 @@ METHODS = {
 
 
 #: What may follow a cross-distillation method after ``+`` (see the module docstring).
-OPTIONS = ("flip", "shift", "mix", "bias", "bn", "bndrift", "normsel", "ridge<δ>")
+OPTIONS = ("flip", "shift", "mix", "bias", "bn", "bndrift", "normsel", "alloc", "ridge<δ>")
 FITTED = ("nc", "cross", "soft", "auto")
 
 
@@ -83,6 +83,8 @@ def parse_method(method: str) -> tuple[str, dict, tuple[str, ...]]:
         kw["fit_bias"] = True
     if "normsel" in opts:
         kw["select_on"] = "norm"
+    if "alloc" in opts:  # the uniform plan's parameter count, spent unevenly across the groups
+        kw["target"] = "params"
     if ridges:
         kw["damping"] = _ridge(ridges[0])
     return base, kw, tuple(o for o in opts if o in ("bn", "bndrift"))

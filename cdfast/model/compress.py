@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ from ..layer.solvers.shared import pieces_of, select_shared_channels
 from ..layer.selection import AUTO_CANDIDATES, FoldedStatistics, rule_of_thumb
 from ..layer.statistics import LayerStatistics
 from . import checkpoint as ckpt
+from .allocate import MIN_KEEP, ModelCount, allocate_keep, check_target
 from .augment import check_augment, views
 from .counting import count_flops, count_parameters
 from .graph import ChannelGroup, ModelGraph, is_depthwise
@@ -97,6 +99,8 @@ class CompressionReport:
     #: producer layer → indices of the teacher's output channels it kept (for FSKD, reconstruct)
     kept_outputs: dict = field(default_factory=dict, repr=False)
     quantized: dict = field(default_factory=dict, repr=False)  # name -> {"codes", "scale", "bits"}
+    #: with ``target``: the budget, its kind, the uniform plan's count and each group's kept units
+    allocation: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -249,10 +253,12 @@ class _Inputs:
 
 # ------------------------------------------------------------------ selection
 def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, student, batches, spec: LossSpec | None,
-            stats_kw: dict, select_on: str = "output") -> tuple[list[int], dict[str, str]]:
+            stats_kw: dict, select_on: str = "output", costs: list[float] | None = None
+            ) -> tuple[list[int], dict[str, str]]:
     """The group's channels to remove: greedy OBS over every consumer's quadratic (``spec``
     None: ``loss="auto"``, each consumer's loss by its rows per column). Returns the
-    removed channels and, with ``loss="auto"``, each consumer's selection loss and why."""
+    removed channels and, with ``loss="auto"``, each consumer's selection loss and why.
+    ``costs`` collects each removal's cost relative to the consumers' output energy."""
     root = student.get_submodule(group.root)
     channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
     unit, block = group.units(channels)
@@ -305,7 +311,7 @@ def _select(group: ChannelGroup, keep: float, graph: ModelGraph, teacher, studen
             cols = (rel[:, None] * taps + torch.arange(taps)).reshape(len(ids), -1)
             pieces.append(pieces_of(quad, ids, cols, 1.0 / max(energy * quad.scale, 1e-300), g,
                                     None if rows_w is None else rows_w[g]))
-    kept = select_shared_channels(pieces, n_units, k, block)
+    kept = select_shared_channels(pieces, n_units, k, block, costs)
     return torch.nonzero(~kept[unit]).flatten().tolist(), chosen_by
 
 
@@ -320,6 +326,30 @@ def _normalized_row_weights(graph: ModelGraph, teacher: nn.Module, name: str) ->
     gain = bn_t.weight.detach() if bn_t.weight is not None else torch.ones_like(bn_t.running_var)
     w = (gain / (bn_t.running_var + bn_t.eps).sqrt()).pow(2)[kept].double()
     return w / w.mean().clamp_min(1e-300)
+
+
+def _allocate(target, keep: dict[str, float], graph: ModelGraph, teacher, student, batches, example,
+              spec: LossSpec | None, stats_kw: dict, select_on: str, report: CompressionReport) -> dict[str, float]:
+    """Each group's kept fraction under ``target`` (:mod:`cdfast.model.allocate`), from the
+    error curves of greedy selection on the teacher's features (the student is still whole)."""
+    kind = target if isinstance(target, str) else next(iter(target))
+    groups = [g for g in graph.groups if g.root in keep]
+    curves = {}
+    for g in groups:
+        _, block = g.units(g.channels)
+        n_blocks = int(block.max()) + 1
+        floor = max(n_blocks, math.ceil(MIN_KEEP * len(block) / n_blocks) * n_blocks)
+        removal_costs: list[float] = []
+        _select(g, floor / len(block), graph, teacher, student, batches, spec, stats_kw, select_on, removal_costs)
+        curves[g.root] = [0.0] + torch.tensor(removal_costs, dtype=torch.float64).cumsum(0).tolist()
+    count = ModelCount(student, example, groups, kind)
+    budget = None if isinstance(target, str) else next(iter(target.values()))
+    if isinstance(budget, float):
+        budget = int(round(budget * count.total))
+    alloc = allocate_keep(groups, keep, curves, count, budget, kind)
+    report.allocation = {"kind": alloc.kind, "budget": alloc.budget, "uniform": alloc.uniform,
+                         "planned": alloc.planned, "kept_units": {r: list(u) for r, u in alloc.units.items()}}
+    return alloc.keep
 
 
 # ------------------------------------------------------------------ one layer
@@ -424,8 +454,8 @@ def _check_overrides(overrides) -> dict[str, dict]:
 def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", mu: float = 0.9,
              solver: str = "auto", steps: int = 3000, lr: float = 1e-3, policy: str = "auto",
              prune_tied: bool = False, overrides: dict[str, dict] | None = None, batch_size: int = 256,
-             fold_bn: bool = False, augment=None, select_on: str = "output", checkpoint: str | None = None,
-             progress: bool = True,
+             fold_bn: bool = False, augment=None, select_on: str = "output", target=None,
+             checkpoint: str | None = None, progress: bool = True,
              verbose: bool = True, **layer_kwargs):
     """Compress ``teacher`` from a few calibration samples; returns ``(student, report)``.
 
@@ -469,6 +499,12 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
         select_on: what channel selection weighs: ``"output"`` (default) each consumer's
             output error, ``"norm"`` that error after the BatchNorm that follows the
             consumer (each output row weighted by ``(γ/σ)²``).
+        target: a budget for the whole student, spent where it costs the least error
+            (:mod:`cdfast.model.allocate`): ``"params"`` or ``"flops"`` keeps the count a
+            uniform ``ChannelPrune(keep)`` would give but lets each group keep a different
+            fraction; ``{"params": n}`` / ``{"flops": n}`` sets the count (an int, or a
+            float in (0, 1]: a fraction of the teacher's). Needs a ``ChannelPrune`` (its
+            groups are the ones that shrink); ``report.allocation`` says what each kept.
         checkpoint: path of a file written after every layer; when it exists the
             compression resumes after the last finished layer (the removed channels
             are replayed on a fresh copy of the teacher first).
@@ -490,6 +526,7 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
     check_augment(augment)
     if select_on not in ("output", "norm"):
         raise ValueError(f"select_on: expected 'output' or 'norm', got {select_on!r}")
+    check_target(target)
     compression = normalize(compression)
     _check_layer_kwargs(layer_kwargs)
     check_arguments(loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, compression=compression,
@@ -539,6 +576,16 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
     report = CompressionReport(params_before=count_parameters(teacher),
                                flops_before=count_flops(teacher, (1, *batches[0].shape[1:]), batched=True),
                                samples=images, views=sum(len(b) for b in batches) // images)
+    loss_kw = {k: layer_kwargs[k] for k in ("alpha", "beta") if k in layer_kwargs}
+    select_spec = None if loss == "auto" else LossSpec(loss, mu, objective="linear", **loss_kw)
+    stats_kw = dict(dtype=layer_kwargs.get("stats_dtype", torch.float32),
+                    fit_bias=layer_kwargs.get("fit_bias", False), backend=layer_kwargs.get("backend", "auto"))
+    if target is not None:
+        if not keep:
+            raise ValueError("target: needs a ChannelPrune in compression (the channel groups it may shrink); "
+                             "the policy prunes no group")
+        keep.update(_allocate(target, keep, graph, teacher, student, batches, example, select_spec, stats_kw,
+                              select_on, report))
 
     group_of = {}  # consumer → groups it reads that are to be pruned, in graph order
     for g in graph.groups:
@@ -553,7 +600,8 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
     if checkpoint:
         settings = dict(compression=compression, loss=loss, mu=mu, solver=solver, steps=steps, lr=lr, policy=policy,
                         prune_tied=prune_tied, overrides=overrides, batch_size=batch_size,
-                        augment=getattr(augment, "__qualname__", augment), select_on=select_on, **layer_kwargs)
+                        augment=getattr(augment, "__qualname__", augment), select_on=select_on, target=target,
+                        **layer_kwargs)
         stamp = ckpt.fingerprint(teacher, batches, settings)
         state = ckpt.load(checkpoint, stamp)
         if state is not None:
@@ -572,10 +620,6 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
     selected = {r for r, _ in pruned}
     selection: dict[str, dict[str, str]] = dict(state.get("selection", {})) if state else {}
 
-    loss_kw = {k: layer_kwargs[k] for k in ("alpha", "beta") if k in layer_kwargs}
-    select_spec = None if loss == "auto" else LossSpec(loss, mu, objective="linear", **loss_kw)
-    stats_kw = dict(dtype=layer_kwargs.get("stats_dtype", torch.float32),
-                    fit_bias=layer_kwargs.get("fit_bias", False), backend=layer_kwargs.get("backend", "auto"))
     data_form = layer_kwargs.get("form", "auto") == "data" or layer_kwargs.get("objective", "linear") != "linear"
 
     from tqdm.auto import tqdm

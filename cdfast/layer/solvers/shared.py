@@ -60,7 +60,7 @@ def pieces_of(quad: Quadratic, units: torch.Tensor, cols: torch.Tensor, weight: 
 
 
 def select_shared_channels(pieces: list[SelectionPiece], n_units: int, keep: int,
-                           blocks: torch.Tensor | None = None) -> torch.Tensor:
+                           blocks: torch.Tensor | None = None, costs: list[float] | None = None) -> torch.Tensor:
     """Greedy backward elimination of units over all ``pieces``; returns the kept units (bool).
 
     Args:
@@ -69,6 +69,9 @@ def select_shared_channels(pieces: list[SelectionPiece], n_units: int, keep: int
         keep: units to keep (per block when ``blocks`` is given: ``keep`` must then be a
             multiple of the number of blocks).
         blocks: block id of every unit; each block keeps ``keep / n_blocks`` units.
+        costs: if given, the summed cost ``Σ_p ω_p ΔL_p`` of each removal is appended, in
+            order: their running sum is the loss increase after each removal (the OBS
+            costs are exact increments of the quadratics), a layer's error curve.
     """
     if not 1 <= keep <= n_units:
         raise ValueError(f"keep: expected 1..{n_units} units, got {keep}")
@@ -95,6 +98,8 @@ def select_shared_channels(pieces: list[SelectionPiece], n_units: int, keep: int
         candidates = alive & (left[blocks] > quota)
         cost[~candidates] = float("inf")
         u = int(torch.argmin(cost))
+        if costs is not None:
+            costs.append(float(cost[u]))
         alive[u] = False
         for p, (w, hinv) in zip(pieces, state):
             rows = torch.nonzero(p.units.cpu() == u).flatten()
