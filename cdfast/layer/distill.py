@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from .._validation import (check_bool, check_dtype, check_finite_module, check_nonneg_float, check_pair,
+from .._validation import (all_finite, check_bool, check_dtype, check_finite_module, check_nonneg_float, check_pair,
                            check_positive_float, check_positive_int, check_unit_interval)
 from .geometry import LayerGeometry
 from .data_form import data_loss
@@ -388,7 +388,7 @@ def distill_layer(teacher_layer: nn.Module,
             lambda: mean_loss(torch.zeros_like(anchor)))
         backend_used = used[0] if used else "torch"
 
-    if not (bool(torch.isfinite(W_final).all()) and math.isfinite(loss_after) and math.isfinite(loss_before)):
+    if not (all_finite(W_final) and math.isfinite(loss_after) and math.isfinite(loss_before)):
         raise FloatingPointError(f"distill_layer: the {solver} solve produced a non-finite result "
                                  f"(loss {loss_before} -> {loss_after}); please report this with the layer's shapes")
     weight, bias = geometry.weight_tensor(W_final)
@@ -486,7 +486,7 @@ def _naive(anchor: torch.Tensor, plan: ConstraintPlan) -> torch.Tensor:
 def _finalize(W: torch.Tensor, plan: ConstraintPlan, quad: Quadratic | None):
     """Project the latent weight (the solver's, masked in place: a wide layer's weight is
     not copied): mask, then codes and (Gram form) a closed-form scale."""
-    W = W.mul_(plan.mask)
+    W = W.masked_fill_(plan.mask.logical_not(), 0)
     if plan.quant is None:
         return W, None, None
     wc = plan.geometry.cols

@@ -31,8 +31,8 @@ from ..losses import Quadratic, robust_cholesky
 
 __all__ = ["takes", "lowrank_solve"]
 
-#: float64 elements per chunk of rows (32 MB): the working memory of a solve.
-CHUNK_ELEMENTS = 1 << 22
+#: float64 elements per chunk of rows (8 MB): the working memory of a solve.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def takes(items) -> bool:
