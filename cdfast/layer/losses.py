@@ -342,11 +342,13 @@ class Quadratic:
             return torch.bmm(V, self.H)
         return torch.bmm(torch.bmm(V, self.factor), self.factor.transpose(1, 2))
 
-    def residual(self, delta: torch.Tensor) -> torch.Tensor:
-        """``Δ·H + F`` at ``Δ = W − A`` (the gradient is ``2s`` times this)."""
+    def residual(self, delta: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``Δ·H + F`` at ``Δ = W − A`` (the gradient is ``2s`` times this); ``delta`` may hold
+        only the output rows ``rows``."""
+        F = self.F[:, rows]
         if self.H is not None:
-            return torch.baddbmm(self.F, delta, self.H)
-        return self.hmul(delta).add_(self.F)
+            return torch.baddbmm(F, delta, self.H)
+        return self.hmul(delta).add_(F)
 
     def diag_H(self) -> torch.Tensor:
         """``diag(H)`` per group, ``(G, D)``."""
