@@ -452,11 +452,12 @@ class Quadratic:
         X = torch.cholesky_solve(self.F.transpose(1, 2), L).transpose(1, 2)
         return self.anchor - X
 
-    def row_values(self, W: torch.Tensor) -> torch.Tensor:
+    def row_values(self, W: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Per output row, ``(ΔHΔᵀ + 2ΔFᵀ)_rr`` (the loss without ``f₀`` and ``s``), shape
-        ``(G, C_out/G)``: how grid scales are compared row by row."""
-        delta = W - self.anchor
-        return (delta * (self.hmul(delta) + 2 * self.F)).sum(-1)
+        ``(G, C_out/G)``: how grid scales are compared row by row. ``W`` may hold only the
+        output rows ``rows``."""
+        delta = W - self.anchor[:, rows]
+        return (delta * (self.hmul(delta) + 2 * self.F[:, rows])).sum(-1)
 
     def best_scale(self, codes: torch.Tensor, levels: int, per_channel: bool, old: torch.Tensor,
                    W: torch.Tensor, zH: torch.Tensor | None = None) -> torch.Tensor:

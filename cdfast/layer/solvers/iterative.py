@@ -37,7 +37,7 @@ iterates, a fraction of the work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -286,9 +286,20 @@ class TorchGramEngine:
             self._mask_all = bool(self.plan.mask.all())
 
     def refit_scale(self) -> None:
-        plan = self.plan
-        codes = plan.codes(self.W, self.weight_cols)
-        plan.scale = self.quad.best_scale(codes, plan.quant.levels, plan.quant.per_channel, plan.scale, self.W)
+        plan, q = self.plan, self.quad
+        L, wc = plan.quant.levels, self.weight_cols
+        if q.H is not None or not plan.quant.per_channel:
+            plan.scale = q.best_scale(plan.codes(self.W, wc), L, plan.quant.per_channel, plan.scale, self.W)
+            return
+        # per-channel scales on the low-rank form: each row's own, a chunk of rows at a time
+        scale = plan.scale.clone()
+        step = max(1, LOSS_CHUNK_ELEMENTS // self.W.shape[-1])
+        for r0 in range(0, self.W.shape[1], step):
+            rows = slice(r0, r0 + step)
+            W = self.W[:, rows]
+            part = replace(q, anchor=q.anchor[:, rows], F=q.F[:, rows])
+            scale[:, rows] = part.best_scale(plan.codes(W, wc, rows), L, True, plan.scale[:, rows], W)
+        plan.scale = scale
 
     # -- the best iterate
     def snapshot(self):
