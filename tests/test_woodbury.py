@@ -97,3 +97,25 @@ def test_lowrank_loss_in_chunks_of_rows_with_a_mask(monkeypatch):
         ref = dense.loss(W if m is None else W * m)
         assert abs(float(low.loss(W, mask=m) - ref)) < 1e-12 * float(ref)
         assert abs(float(dense.loss(W, mask=m) - ref)) < 1e-12 * float(ref)
+
+
+@pytest.mark.parametrize("compression", [[cdfast.ChannelPrune(0.5), cdfast.Quantize(4)], cdfast.WeightPrune(0.4),
+                                         cdfast.Quantize(3, per_channel=False)])
+def test_adam_on_the_factor_in_chunks_of_rows_takes_the_gram_forms_steps(compression, monkeypatch):
+    from cdfast.layer import plan as plan_module
+    from cdfast.layer.solvers import iterative
+
+    monkeypatch.setattr(iterative, "LOSS_CHUNK_ELEMENTS", 150)  # 2 rows of 75 columns a chunk
+    monkeypatch.setattr(plan_module, "SCALE_CHUNK_ELEMENTS", 200)
+    torch.manual_seed(7)
+    layer = nn.Linear(75, 9).double()
+    h_t = torch.randn(30, 75, dtype=F64)
+    h_s = h_t + 0.2 * torch.randn_like(h_t)
+    kw = dict(compression=compression, solver="adam", steps=30, lr=1e-2, stats_dtype=F64, log_every=1)
+    low = cdfast.distill_layer(layer, h_t, h_s, form="lowrank", **kw)
+    gram = cdfast.distill_layer(layer, h_t, h_s, form="gram", **kw)
+    assert low.form == "lowrank" and gram.form == "gram"
+    for (_, a), (_, b) in zip(low.history, gram.history, strict=True):
+        assert abs(a - b) <= 1e-9 * max(1.0, abs(b))
+    assert torch.equal(low.mask, gram.mask) and rel_err(low.weight, gram.weight) < 1e-9
+    assert low.loss_after < low.loss_before
