@@ -83,8 +83,12 @@ def test_lowrank_exact_solver_refuses_what_it_cannot_solve():
                              compression=cdfast.ChannelPrune(0.5), solver="exact", form="lowrank")
 
 
-def test_lowrank_loss_in_chunks_of_rows_with_a_mask(monkeypatch):
+def test_lowrank_loss_and_naive_loss_in_chunks_of_rows(monkeypatch):
+    from cdfast.layer import distill
+    from cdfast.layer.plan import ConstraintPlan
+
     monkeypatch.setattr(losses, "LOSS_CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(distill, "LOSS_CHUNK_ELEMENTS", 200)
     layer, h_t = _layer_and_inputs("linear", 6)
     h_s = h_t + 0.3 * torch.randn_like(h_t)
     A = LayerGeometry.of(layer).weight_matrix(layer.weight.detach())
@@ -92,11 +96,16 @@ def test_lowrank_loss_in_chunks_of_rows_with_a_mask(monkeypatch):
     low = Quadratic.from_statistics(st, LossSpec("cross"), A, lowrank=True)
     dense = low.dense()
     W = A + 0.3 * torch.randn_like(A)
-    mask = torch.rand_like(A) < 0.6
-    for m in (None, mask):
-        ref = dense.loss(W if m is None else W * m)
-        assert abs(float(low.loss(W, mask=m) - ref)) < 1e-12 * float(ref)
-        assert abs(float(dense.loss(W, mask=m) - ref)) < 1e-12 * float(ref)
+    ref = Quadratic.from_statistics(LayerStatistics(layer, dtype=F64, lowrank=False).update(h_t, h_s),
+                                    LossSpec("cross"), A)
+    assert abs(float(low.loss(W) - ref.loss(W))) < 1e-12 * float(ref.loss(W))
+    for comp in (cdfast.WeightPrune(0.4), cdfast.Quantize(3), [cdfast.WeightPrune(0.5), cdfast.Quantize(4, False)]):
+        plan = ConstraintPlan(comp, LayerGeometry.of(layer), 10, 91, "cpu", F64)
+        plan.mask = torch.rand_like(A) < 0.6
+        plan.init_scale(A)
+        naive = distill._naive(A, plan)
+        assert abs(distill._naive_loss(low, A, plan) - float(ref.loss(naive))) < 1e-12 * float(ref.loss(naive))
+        assert abs(distill._naive_loss(dense, A, plan) - float(ref.loss(naive))) < 1e-12 * float(ref.loss(naive))
 
 
 @pytest.mark.parametrize("compression", [[cdfast.ChannelPrune(0.5), cdfast.Quantize(4)], cdfast.WeightPrune(0.4),

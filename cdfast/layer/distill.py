@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -16,7 +16,7 @@ from .._validation import (all_finite, check_bool, check_dtype, check_finite_mod
 from .geometry import LayerGeometry
 from .data_form import data_loss
 from .forms import choose_form, exact_fits
-from .losses import ActivationSpec, LossSpec, Quadratic
+from .losses import LOSS_CHUNK_ELEMENTS, ActivationSpec, LossSpec, Quadratic
 from .constraints import NMSparsity, WeightPrune, normalize
 from .plan import ConstraintPlan
 from .selection import (AUTO_CANDIDATES, CROSSING_BELOW_M_OVER_D, FoldedStatistics, LossChoice, choose_loss,
@@ -352,9 +352,7 @@ def distill_layer(teacher_layer: nn.Module,
             loss_after = history[-1][1]
         else:
             loss_after = float(quad.loss(W_final))
-        # without a grid the naive weight is A·mask: its loss a chunk of rows at a time
-        loss_before = float(quad.loss(_naive(anchor, plan)) if plan.quant is not None else
-                            quad.loss(anchor, mask=plan.mask))
+        loss_before = _naive_loss(quad, anchor, plan)
         W_final, codes, scale, loss_after, note = _never_worse_than_naive(
             W_final, codes, scale, loss_after, loss_before, anchor, plan, solver,
             lambda: float(quad.loss(torch.zeros_like(anchor))))
@@ -479,9 +477,25 @@ def _never_worse_than_naive(W, codes, scale, loss_after, loss_before, anchor, pl
     return naive, naive_codes, plan.scale, loss_before, note
 
 
-def _naive(anchor: torch.Tensor, plan: ConstraintPlan) -> torch.Tensor:
-    """The teacher weight under the result's mask and grid, without any refit."""
-    return plan.effective(anchor * plan.mask) if plan.quant is not None else anchor * plan.mask
+def _naive(anchor: torch.Tensor, plan: ConstraintPlan, rows: slice = slice(None)) -> torch.Tensor:
+    """The teacher weight under the result's mask and grid, without any refit (its output rows ``rows``)."""
+    W = anchor[:, rows] * plan.mask[:, rows]
+    return plan.effective(W, rows) if plan.quant is not None else W
+
+
+def _naive_loss(quad: Quadratic, anchor: torch.Tensor, plan: ConstraintPlan) -> float:
+    """``L`` of :func:`_naive`; on the low-rank form a chunk of output rows at a time, so that a
+    wide layer's naive weight (and its rounding's temporaries) is never whole."""
+    if quad.H is not None:
+        return float(quad.loss(_naive(anchor, plan)))
+    R, D = anchor.shape[1:]
+    step = max(1, LOSS_CHUNK_ELEMENTS // D)
+    total = quad.scale * quad.f0.double()
+    for r0 in range(0, R, step):
+        rows = slice(r0, r0 + step)
+        part = replace(quad, anchor=quad.anchor[:, rows], F=quad.F[:, rows], f0=torch.zeros_like(quad.f0))
+        total = total + part.loss(_naive(anchor, plan, rows))
+    return float(total)
 
 
 def _finalize(W: torch.Tensor, plan: ConstraintPlan, quad: Quadratic | None):

@@ -63,7 +63,7 @@ from .geometry import LayerGeometry
 __all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky"]
 
 #: Elements of the weight per chunk of rows when the low-rank form evaluates the loss.
-LOSS_CHUNK_ELEMENTS = 1 << 22
+LOSS_CHUNK_ELEMENTS = 1 << 20
 
 
 def robust_cholesky(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
@@ -406,20 +406,19 @@ class Quadratic:
         """``ΔH + F`` (the gradient is ``2s`` times this)."""
         return self.residual(W - self.anchor)
 
-    def loss(self, W: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``L(W)``, or ``L(W·mask)`` with a ``mask`` of ``W``'s shape, as a float64 scalar (``s``
-        may lie outside float32's range). The low-rank form takes a chunk of rows at a time,
-        ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``: no temporary of the weight's size (a wide layer's weight is the
-        largest thing a low-rank solve holds)."""
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range). The low-rank
+        form takes a chunk of rows at a time, ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``: no temporary of the
+        weight's size (a wide layer's weight is the largest thing a low-rank solve holds)."""
         if self.H is not None:
-            delta = (W if mask is None else W * mask) - self.anchor
+            delta = W - self.anchor
             return self.scale * ((delta * (self.residual(delta) + self.F)).sum() + self.f0).double()
         R, D = self.anchor.shape[1:]
         step = max(1, LOSS_CHUNK_ELEMENTS // D)
         value = self.f0.double()
         for r0 in range(0, R, step):
             rows = slice(r0, r0 + step)
-            delta = (W[:, rows] if mask is None else W[:, rows] * mask[:, rows]) - self.anchor[:, rows]
+            delta = W[:, rows] - self.anchor[:, rows]
             value = value + (torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F[:, rows]).sum()).double()
         return self.scale * value
 

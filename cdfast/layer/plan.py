@@ -37,7 +37,7 @@ from .geometry import LayerGeometry
 __all__ = ["ConstraintPlan", "StepSchedule", "PROJECTION_OPS"]
 
 #: Elements of the weight per chunk of rows when :meth:`ConstraintPlan.init_scale` scores the ratios.
-SCALE_CHUNK_ELEMENTS = 1 << 22
+SCALE_CHUNK_ELEMENTS = 1 << 20
 #: The projection operators a plan calls, resolved once per solve through the dispatcher.
 PROJECTION_OPS = ("soft_threshold", "group_shrink", "topk_mask", "quantize")
 
@@ -260,11 +260,13 @@ class ConstraintPlan:
             vals = torch.cat([vals, W[..., c:]], dim=-1)
         return vals
 
-    def effective(self, W: torch.Tensor) -> torch.Tensor:
-        """The weight the loss sees: the quantized latent weight (straight-through)."""
+    def effective(self, W: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight the loss sees: the quantized latent weight (straight-through); ``W`` may
+        hold only the output rows ``rows``."""
         if self.quant is None:
             return W
-        return self.project(W, self.scale) * self.mask
+        scale = self.scale[:, rows] if self.scale.shape[1] > 1 else self.scale
+        return self.project(W, scale) * self.mask[:, rows]
 
     def codes(self, W: torch.Tensor, weight_cols: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """The grid codes of ``W`` (which holds the output rows ``rows``)."""
