@@ -214,10 +214,10 @@ def distill_layer(teacher_layer: nn.Module,
         solver: ``"exact"`` (the quadratic solved directly), ``"adam"`` (the authors'
             procedure), ``"sgd"`` (momentum), or ``"auto"`` (default): ``exact`` on the
             Gram form (on the low-rank factor for channel budgets where the ``D × D`` work
-            would not fit, ``result.form == "lowrank"``), except for weight and N:M budgets (there Adam's 3000 steps end lower
-            than the exact solver's sweeps, at a few hundred times their time: a 768→768
-            Linear at 50 %, held-out error 2.2e-3 against 3.3e-3, ``bench/posttraining.py
-            --adam``), ``adam`` on the data form.
+            would not fit, ``result.form == "lowrank"``), except for weight and N:M budgets
+            (there Adam's 3000 steps end lower than the exact solver's sweeps, at a few
+            hundred times their time: a 768→768 Linear at 50 %, held-out error 2.2e-3 against
+            3.3e-3, ``bench/posttraining.py --adam``), ``adam`` on the data form.
             ``result.solver`` says which ran; ``"none"`` when nothing was to be done (no
             compression and a teacher that is already optimal, loss 0).
         steps: iterations of ``adam``/``sgd`` (the authors use 3000 on CIFAR-sized data).
