@@ -25,11 +25,12 @@ from .harness import REPO
 
 OUT = REPO / "bench" / "results" / "memory.csv"
 COLUMNS = ["layer", "samples", "compression", "solver", "form", "status", "seconds", "peak_rss_bytes",
-           "growth_bytes", "gram_bytes", "steps", "torch_threads", "note"]
+           "growth_bytes", "gram_bytes", "loss_before", "loss_after", "steps", "torch_threads", "note"]
 
 # (in, out, samples, compression, steps)
 ROWS = [(25088, 1000, 64, "ChannelPrune(0.5)", 20), (25088, 1000, 64, "Quantize(4)", 20),
-        (25088, 1000, 64, "WeightPrune(0.5)", 20), (25088, 4096, 64, "ChannelPrune(0.5)", 5)]
+        (25088, 1000, 64, "WeightPrune(0.5)", 20), (25088, 4096, 64, "ChannelPrune(0.5)", 5),
+        (25088, 4096, 64, "Quantize(4)", 5), (25088, 4096, 64, "WeightPrune(0.5)", 5)]
 QUICK = [(4096, 64, 16, "ChannelPrune(0.5)", 3)]
 
 CHILD = r"""
@@ -50,6 +51,7 @@ res = cdfast.distill_layer(layer, h_t, h_s, compression=eval("cdfast." + comp), 
 seconds = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(dict(solver=res.solver, form=res.form, seconds=seconds, peak=peak, before=before,
+                      loss_before=res.loss_before, loss_after=res.loss_after,
                       finite=bool(torch.isfinite(res.weight).all()))))
 """
 
@@ -66,7 +68,8 @@ def run(rows) -> list[dict]:
         else:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             row.update(status="ok" if r["finite"] else "non-finite weight", solver=r["solver"], form=r["form"],
-                       seconds=r["seconds"], peak_rss_bytes=r["peak"], growth_bytes=r["peak"] - r["before"])
+                       seconds=r["seconds"], peak_rss_bytes=r["peak"], growth_bytes=r["peak"] - r["before"],
+                       loss_before=r["loss_before"], loss_after=r["loss_after"])
         print(f"  {row['layer']:<18} {comp:<18} {row.get('solver', '')} {row.get('form', '')} "
               f"{row['status']} peak {row.get('peak_rss_bytes', 0) / 2**20:.0f} MiB", file=sys.stderr, flush=True)
         out.append(row)
@@ -77,8 +80,9 @@ def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--match", default="", help="only the rows whose 'in→out compression' contains this text")
     a = ap.parse_args(argv)
-    rows = run(QUICK if a.quick else ROWS)
+    rows = run([r for r in (QUICK if a.quick else ROWS) if a.match in f"{r[0]}→{r[1]} {r[3]}"])
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:

@@ -342,12 +342,13 @@ def _memory_section(path: Path) -> list[str]:
          "`python -m bench.memory`: one `distill_layer` call per row in a fresh process; peak resident set "
          "(`ru_maxrss`) of the whole process, and its growth over the process before the call (inputs and "
          "layer already allocated). The Gram column is what the three D × D float32 statistics alone would "
-         "take.", "",
+         "take; the losses are the layer's (cross) loss of the naive compression and of the result.", "",
          _table(["layer", "samples", "compression", "solver", "form", "status", "time", "peak RSS (MiB)",
-                 "growth (MiB)", "three Grams would take (MiB)"],
+                 "growth (MiB)", "three Grams would take (MiB)", "loss before", "loss after"],
                 [[r["layer"], r["samples"], r["compression"], r["solver"], r["form"], r["status"],
                   _t(_f(r, "seconds")), _mib(_f(r, "peak_rss_bytes")), _mib(_f(r, "growth_bytes")),
-                  _mib(_f(r, "gram_bytes"))] for r in rows]), ""]
+                  _mib(_f(r, "gram_bytes")), _g(_f(r, "loss_before")), _g(_f(r, "loss_after"))]
+                 for r in rows]), ""]
     return L
 
 

@@ -12,6 +12,14 @@ import torch
 from .layer.geometry import LayerGeometry
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Elements per chunk of :func:`all_finite`.
+_FINITE_CHUNK = 1 << 22
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, a chunk at a time: ``torch.isfinite`` of a wide
+    layer's whole weight forms ``|t|`` and two masks, temporaries larger than the weight."""
+    return all(bool(torch.isfinite(c).all()) for c in t.detach().reshape(-1).split(_FINITE_CHUNK))
 
 
 def check_tensor(name: str, t, finite: bool = True) -> torch.Tensor:
@@ -24,7 +32,7 @@ def check_tensor(name: str, t, finite: bool = True) -> torch.Tensor:
         raise ValueError(f"{name}: expected a tensor with data (on cpu or cuda), got a meta tensor")
     if t.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(t.shape)}")
-    if finite and not bool(torch.isfinite(t).all()):
+    if finite and not all_finite(t):
         raise ValueError(f"{name}: contains NaN or Inf")
     return t
 
@@ -120,12 +128,12 @@ def check_dtype(name: str, v, allowed=(torch.float32, torch.float64)) -> torch.d
 def check_finite_module(name: str, module) -> None:
     """The teacher layer's parameters: NaN or Inf would make every result NaN."""
     for pname, p in module.named_parameters(recurse=False):
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise ValueError(f"{name}: its {pname} contains NaN or Inf")
 
 
 def check_finite_model(name: str, model) -> None:
     """Every parameter of a whole network (a NaN anywhere makes every layer's result NaN)."""
     for pname, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise ValueError(f"{name}: its parameter {pname!r} contains NaN or Inf")

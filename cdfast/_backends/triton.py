@@ -419,6 +419,9 @@ class TritonGramEngine(TorchGramEngine):
         """The iterate the last step started from (the other buffer)."""
         return self.bufs[1 - self.cur]
 
+    def _hand_over_prev(self) -> torch.Tensor:
+        return self.prev.clone()  # the other buffer is written by the next step
+
     # -- launches
     def _launch(self, mask, wc: int, fuse_l1: bool) -> None:
         """The fused GEMM step at the device counter's index."""

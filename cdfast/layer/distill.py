@@ -4,24 +4,24 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from .. import dispatch
-from .._validation import (check_bool, check_dtype, check_finite_module, check_nonneg_float, check_pair,
+from .._validation import (all_finite, check_bool, check_dtype, check_finite_module, check_nonneg_float, check_pair,
                            check_positive_float, check_positive_int, check_unit_interval)
 from .geometry import LayerGeometry
 from .data_form import data_loss
 from .forms import choose_form, exact_fits
-from .losses import ActivationSpec, LossSpec, Quadratic
+from .losses import LOSS_CHUNK_ELEMENTS, ActivationSpec, LossSpec, Quadratic
 from .constraints import NMSparsity, WeightPrune, normalize
 from .plan import ConstraintPlan
 from .selection import (AUTO_CANDIDATES, CROSSING_BELOW_M_OVER_D, FoldedStatistics, LossChoice, choose_loss,
                         describe, rule_of_thumb)
-from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve, gram_iterative
+from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve, gram_iterative, woodbury
 from .statistics import LayerStatistics
 
 __all__ = ["distill_layer", "DistillResult", "check_arguments"]
@@ -213,10 +213,11 @@ def distill_layer(teacher_layer: nn.Module,
         compression: a constraint of :mod:`cdfast.layer.constraints` or a list of them.
         solver: ``"exact"`` (the quadratic solved directly), ``"adam"`` (the authors'
             procedure), ``"sgd"`` (momentum), or ``"auto"`` (default): ``exact`` on the
-            Gram form, except for weight and N:M budgets (there Adam's 3000 steps end lower
-            than the exact solver's sweeps, at a few hundred times their time: a 768→768
-            Linear at 50 %, held-out error 2.2e-3 against 3.3e-3, ``bench/posttraining.py
-            --adam``), ``adam`` on the data form.
+            Gram form (on the low-rank factor for channel budgets where the ``D × D`` work
+            would not fit, ``result.form == "lowrank"``), except for weight and N:M budgets
+            (there Adam's 3000 steps end lower than the exact solver's sweeps, at a few
+            hundred times their time: a 768→768 Linear at 50 %, held-out error 2.2e-3 against
+            3.3e-3, ``bench/posttraining.py --adam``), ``adam`` on the data form.
             ``result.solver`` says which ran; ``"none"`` when nothing was to be done (no
             compression and a teacher that is already optimal, loss 0).
         steps: iterations of ``adam``/``sgd`` (the authors use 3000 on CIFAR-sized data).
@@ -248,19 +249,16 @@ def distill_layer(teacher_layer: nn.Module,
     choose = form == "auto"
     if form == "auto":
         form = "gram" if objective == "linear" else "data"
-    if solver == "auto":
-        budgets = [c for c in normalize(compression) if isinstance(c, (WeightPrune, NMSparsity))]
-        given = statistics.parts[0] if isinstance(statistics, FoldedStatistics) else statistics
-        fits = exact_fits(geometry, geometry.cols + int(fit_bias or (given is not None and given.fit_bias)))
-        solver = "exact" if form == "gram" and not budgets and fits else "adam"
     if form in ("gram", "lowrank") and objective != "linear":
         raise ValueError(f"form: the {form} form needs objective='linear'; use form='data'")
-    if solver == "exact" and form != "gram":
-        raise ValueError("solver: 'exact' works on the Gram form (objective='linear', form='gram')")
+    items = normalize(compression)
+    if solver == "exact" and form != "gram" and not (form == "lowrank" and woodbury.takes(items)):
+        raise ValueError("solver: 'exact' works on the Gram form (objective='linear', form='gram'), or on the "
+                         "low-rank form for channel budgets and channel supports (no WeightPrune, NMSparsity, "
+                         "Quantize or penalties)")
 
     A_weight = teacher_layer.weight.detach()
     A_bias = teacher_layer.bias.detach() if teacher_layer.bias is not None else None
-    cfg = SolverConfig(solver=solver, steps=steps, lr=lr, momentum=momentum, log_every=log_every)
 
     if statistics is not None:
         if form not in ("gram", "lowrank"):
@@ -280,6 +278,11 @@ def distill_layer(teacher_layer: nn.Module,
                                  f"got {h_t.device}")
             check_pair(geometry, h_t, h_s)
         pairs = [(h_t.detach(), h_s.detach()) for h_t, h_s in pairs]
+    if solver in ("auto", "exact") and form in ("gram", "lowrank"):
+        solver, form = _exact_or_iterative(solver, form, choose, items, geometry, fit_bias, statistics, pairs)
+    elif solver == "auto":
+        solver = "adam"
+    cfg = SolverConfig(solver=solver, steps=steps, lr=lr, momentum=momentum, log_every=log_every)
     device = A_weight.device
     work_dtype = torch.float64 if stats_dtype == torch.float64 else torch.float32
     if lr > torch.finfo(work_dtype).max:
@@ -294,7 +297,7 @@ def distill_layer(teacher_layer: nn.Module,
     if form in ("gram", "lowrank"):
         if statistics is None:
             samples = sum(h_t.shape[0] for h_t, _ in pairs)
-            if auto_loss and solver == "exact" and samples >= 2:
+            if auto_loss and solver == "exact" and form == "gram" and samples >= 2:
                 stats = FoldedStatistics(geometry, folds=min(AUTO_FOLDS, samples), dtype=stats_dtype,
                                          fit_bias=fit_bias, backend=backend)
             else:
@@ -336,7 +339,7 @@ def distill_layer(teacher_layer: nn.Module,
         if not plan.items and loss_teacher == 0.0:  # the teacher is already optimal: nothing to solve
             W, history, backend_used, solver = anchor.clone(), [(0, 0.0)], "torch", "none"
         elif solver == "exact":
-            W, history = exact_solve(quad, plan, backend, strict)
+            W, history = exact_solve(quad, plan, backend, strict, lowrank=form == "lowrank")
             backend_used = "torch"
         elif form == "lowrank":  # plain torch products on any device
             W, history = gram_iterative(quad, plan, cfg)
@@ -350,7 +353,7 @@ def distill_layer(teacher_layer: nn.Module,
             loss_after = history[-1][1]
         else:
             loss_after = float(quad.loss(W_final))
-        loss_before = float(quad.loss(_naive(anchor, plan)))
+        loss_before = _naive_loss(quad, anchor, plan)
         W_final, codes, scale, loss_after, note = _never_worse_than_naive(
             W_final, codes, scale, loss_after, loss_before, anchor, plan, solver,
             lambda: float(quad.loss(torch.zeros_like(anchor))))
@@ -385,7 +388,7 @@ def distill_layer(teacher_layer: nn.Module,
             lambda: mean_loss(torch.zeros_like(anchor)))
         backend_used = used[0] if used else "torch"
 
-    if not (bool(torch.isfinite(W_final).all()) and math.isfinite(loss_after) and math.isfinite(loss_before)):
+    if not (all_finite(W_final) and math.isfinite(loss_after) and math.isfinite(loss_before)):
         raise FloatingPointError(f"distill_layer: the {solver} solve produced a non-finite result "
                                  f"(loss {loss_before} -> {loss_after}); please report this with the layer's shapes")
     weight, bias = geometry.weight_tensor(W_final)
@@ -421,6 +424,31 @@ def distill_layer(teacher_layer: nn.Module,
     )
 
 
+def _exact_or_iterative(solver, form, choose, items, geometry, fit_bias, statistics, pairs) -> tuple[str, str]:
+    """``(solver, form)`` for ``solver`` ``"auto"`` or ``"exact"`` on the Gram or low-rank form.
+
+    ``auto`` picks the exact solver where it runs: on ``H`` when its ``D × D`` work fits
+    (:func:`~cdfast.layer.forms.exact_fits`) and there is no weight or N:M budget; on the factor
+    of ``H`` (:mod:`.solvers.woodbury`) for channel budgets and channel supports when the
+    samples have fewer rows than columns and either the form asked for is the low-rank one or
+    ``H`` does not fit. Otherwise Adam. An explicit ``exact`` with ``form="auto"`` moves to the
+    factor likewise when ``H`` does not fit."""
+    given = statistics.parts[0] if isinstance(statistics, FoldedStatistics) else statistics
+    dim = geometry.cols + int(fit_bias or (given is not None and given.fit_bias))
+    fits = exact_fits(geometry, dim)
+    if isinstance(statistics, LayerStatistics):
+        few_rows = statistics.representation == "lowrank"
+    else:  # a FoldedStatistics sums Grams of its folds; fresh inputs are kept while rows < columns
+        few_rows = statistics is None and sum(geometry.rows(h_t) for h_t, _ in pairs) < dim
+    on_factor = woodbury.takes(items) and few_rows and (form == "lowrank" or (choose and not fits))
+    if on_factor:
+        return "exact", "lowrank"
+    if solver == "exact" or (form == "gram" and fits and
+                             not any(isinstance(c, (WeightPrune, NMSparsity)) for c in items)):
+        return "exact", form
+    return "adam", form
+
+
 def _check_data_form_range(data, dtype: torch.dtype) -> None:
     """The data form squares raw layer outputs: refuse inputs whose squares leave ``dtype``'s range."""
     if dtype != torch.float32:
@@ -450,14 +478,31 @@ def _never_worse_than_naive(W, codes, scale, loss_after, loss_before, anchor, pl
     return naive, naive_codes, plan.scale, loss_before, note
 
 
-def _naive(anchor: torch.Tensor, plan: ConstraintPlan) -> torch.Tensor:
-    """The teacher weight under the result's mask and grid, without any refit."""
-    return plan.effective(anchor * plan.mask) if plan.quant is not None else anchor * plan.mask
+def _naive(anchor: torch.Tensor, plan: ConstraintPlan, rows: slice = slice(None)) -> torch.Tensor:
+    """The teacher weight under the result's mask and grid, without any refit (its output rows ``rows``)."""
+    W = anchor[:, rows] * plan.mask[:, rows]
+    return plan.effective(W, rows) if plan.quant is not None else W
+
+
+def _naive_loss(quad: Quadratic, anchor: torch.Tensor, plan: ConstraintPlan) -> float:
+    """``L`` of :func:`_naive`; on the low-rank form a chunk of output rows at a time, so that a
+    wide layer's naive weight (and its rounding's temporaries) is never whole."""
+    if quad.H is not None:
+        return float(quad.loss(_naive(anchor, plan)))
+    R, D = anchor.shape[1:]
+    step = max(1, LOSS_CHUNK_ELEMENTS // D)
+    total = quad.scale * quad.f0.double()
+    for r0 in range(0, R, step):
+        rows = slice(r0, r0 + step)
+        part = replace(quad, anchor=quad.anchor[:, rows], F=quad.F[:, rows], f0=torch.zeros_like(quad.f0))
+        total = total + part.loss(_naive(anchor, plan, rows))
+    return float(total)
 
 
 def _finalize(W: torch.Tensor, plan: ConstraintPlan, quad: Quadratic | None):
-    """Project the latent weight: mask, then codes and (Gram form) a closed-form scale."""
-    W = W * plan.mask
+    """Project the latent weight (the solver's, masked in place: a wide layer's weight is
+    not copied): mask, then codes and (Gram form) a closed-form scale."""
+    W = W.masked_fill_(plan.mask.logical_not(), 0)
     if plan.quant is None:
         return W, None, None
     wc = plan.geometry.cols

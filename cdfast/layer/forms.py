@@ -13,8 +13,9 @@ When fewer rows than columns are sampled (``M < D``, the few-shot regime) the st
 keep the unfolded inputs (:class:`~cdfast.layer.statistics.LayerStatistics`) and
 :func:`choose_form` compares the two costs over the solve's schedule (the channel
 budget's compacted steps included). With ``M ≥ D`` only the Grams exist, and they win.
-The exact solver always forms ``H``; :func:`exact_fits` says whether its ``D × D`` work
-fits in memory.
+The exact solver forms ``H`` for its sweeps; :func:`exact_fits` says whether its ``D × D``
+work fits in memory. Where it does not, channel budgets and channel supports are solved on
+the factor instead (:mod:`cdfast.layer.solvers.woodbury`, ``H`` never formed).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ __all__ = ["form_costs", "choose_form", "exact_fits", "EXACT_MAX_BYTES"]
 
 #: The exact solver holds about four ``D × D`` float64 matrices per group (``H``, its
 #: factor or inverse, and working copies); ``solver="auto"`` picks it only when they fit
-#: in this many bytes. Above it (a 25,088-input Linear would need 20 GB), Adam on the
-#: low-rank form runs in the memory of the weight and the unfolded inputs.
+#: in this many bytes. Above it (a 25,088-input Linear would need 20 GB), channel budgets
+#: are solved exactly on the low-rank factor and other constraints by Adam on the low-rank
+#: form, in the memory of a few copies of the weight and the unfolded inputs.
 EXACT_MAX_BYTES = 4 << 30
 
 

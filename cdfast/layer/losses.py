@@ -62,6 +62,9 @@ from .geometry import LayerGeometry
 
 __all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky"]
 
+#: Elements of the weight per chunk of rows when the low-rank form evaluates the loss.
+LOSS_CHUNK_ELEMENTS = 1 << 20
+
 
 def robust_cholesky(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
     """Cholesky factor of the symmetric PSD batch ``H``, adding diagonal jitter if needed.
@@ -342,11 +345,13 @@ class Quadratic:
             return torch.bmm(V, self.H)
         return torch.bmm(torch.bmm(V, self.factor), self.factor.transpose(1, 2))
 
-    def residual(self, delta: torch.Tensor) -> torch.Tensor:
-        """``Δ·H + F`` at ``Δ = W − A`` (the gradient is ``2s`` times this)."""
+    def residual(self, delta: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``Δ·H + F`` at ``Δ = W − A`` (the gradient is ``2s`` times this); ``delta`` may hold
+        only the output rows ``rows``."""
+        F = self.F[:, rows]
         if self.H is not None:
-            return torch.baddbmm(self.F, delta, self.H)
-        return self.hmul(delta).add_(self.F)
+            return torch.baddbmm(F, delta, self.H)
+        return self.hmul(delta).add_(F)
 
     def diag_H(self) -> torch.Tensor:
         """``diag(H)`` per group, ``(G, D)``."""
@@ -409,13 +414,20 @@ class Quadratic:
         return dz.pow(2).sum() + 2 * torch.dot(delta.reshape(-1), self.F.reshape(-1)) + self.f0
 
     def loss(self, W: torch.Tensor) -> torch.Tensor:
-        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range)."""
-        delta = W - self.anchor
-        if self.H is None:
-            value = self._lowrank_value(delta, torch.bmm(delta, self.factor))
-        else:
-            value = (delta * (self.residual(delta) + self.F)).sum() + self.f0
-        return self.scale * value.double()
+        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range). The low-rank
+        form takes a chunk of rows at a time, ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``: no temporary of the
+        weight's size (a wide layer's weight is the largest thing a low-rank solve holds)."""
+        if self.H is not None:
+            delta = W - self.anchor
+            return self.scale * ((delta * (self.residual(delta) + self.F)).sum() + self.f0).double()
+        R, D = self.anchor.shape[1:]
+        step = max(1, LOSS_CHUNK_ELEMENTS // D)
+        value = self.f0.double()
+        for r0 in range(0, R, step):
+            rows = slice(r0, r0 + step)
+            delta = W[:, rows] - self.anchor[:, rows]
+            value = value + (torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F[:, rows]).sum()).double()
+        return self.scale * value
 
     def step_terms(self, delta: torch.Tensor, alpha: float, want_value: bool
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -460,11 +472,12 @@ class Quadratic:
         X = torch.cholesky_solve(self.F.transpose(1, 2), L).transpose(1, 2)
         return self.anchor - X
 
-    def row_values(self, W: torch.Tensor) -> torch.Tensor:
+    def row_values(self, W: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Per output row, ``(ΔHΔᵀ + 2ΔFᵀ)_rr`` (the loss without ``f₀`` and ``s``), shape
-        ``(G, C_out/G)``: how grid scales are compared row by row."""
-        delta = W - self.anchor
-        return (delta * (self.hmul(delta) + 2 * self.F)).sum(-1)
+        ``(G, C_out/G)``: how grid scales are compared row by row. ``W`` may hold only the
+        output rows ``rows``."""
+        delta = W - self.anchor[:, rows]
+        return (delta * (self.hmul(delta) + 2 * self.F[:, rows])).sum(-1)
 
     def best_scale(self, codes: torch.Tensor, levels: int, per_channel: bool, old: torch.Tensor,
                    W: torch.Tensor, zH: torch.Tensor | None = None) -> torch.Tensor:

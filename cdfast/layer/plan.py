@@ -36,6 +36,8 @@ from .geometry import LayerGeometry
 
 __all__ = ["ConstraintPlan", "StepSchedule", "PROJECTION_OPS"]
 
+#: Elements of the weight per chunk of rows when :meth:`ConstraintPlan.init_scale` scores the ratios.
+SCALE_CHUNK_ELEMENTS = 1 << 20
 #: The projection operators a plan calls, resolved once per solve through the dispatcher.
 PROJECTION_OPS = ("soft_threshold", "group_shrink", "topk_mask", "quantize")
 
@@ -219,32 +221,35 @@ class ConstraintPlan:
     def init_scale(self, W: torch.Tensor, row_loss=None) -> None:
         """Pick the grid scale: the clipping ratio that minimises ``row_loss(Q(W))``.
 
-        ``row_loss(values) -> (G, C_out/G)`` scores a quantized weight per row;
-        without it the plain squared rounding error is used.
+        ``row_loss(values, rows) -> (G, len(rows))`` scores the output rows ``rows`` of a
+        quantized weight (``values`` holds those rows); without it the plain squared
+        rounding error is used. Rows go a chunk at a time (a wide layer's weight is not
+        copied per ratio); the first of equally good ratios wins.
         """
         if self.quant is None:
             return
         w = W[..., :self.geometry.cols]
-        if self.quant.per_channel:
-            amax = w.abs().amax(dim=-1, keepdim=True)
-        else:
-            amax = w.abs().amax().reshape(1, 1, 1)
+        per_channel = self.quant.per_channel
+        amax = torch.linalg.vector_norm(w, float("inf"), dim=-1, keepdim=True)  # max |w|, no |W| formed
+        if not per_channel:
+            amax = amax.amax().reshape(1, 1, 1)
         amax = amax.clamp_min(torch.finfo(W.dtype).tiny)
-        best, best_loss = None, None
-        for ratio in torch.linspace(0.3, 1.0, 15).tolist():
-            scale = amax * ratio
-            vals = self.project(W, scale)
-            loss = row_loss(vals) if row_loss is not None else (vals - W).pow(2).sum(-1)
-            if not self.quant.per_channel:
-                loss = loss.sum().reshape(1, 1)
-            loss = loss.unsqueeze(-1)
-            if best is None:
-                best, best_loss = scale.expand_as(loss).clone(), loss
-            else:
-                better = loss < best_loss
-                best = torch.where(better, scale.expand_as(loss), best)
-                best_loss = torch.where(better, loss, best_loss)
-        self.scale = best if self.quant.per_channel else best.reshape(1, 1, 1)
+        ratios = torch.linspace(0.3, 1.0, 15).tolist()
+        G, R, D = W.shape
+        losses = W.new_empty(G, R, len(ratios))
+        step = max(1, SCALE_CHUNK_ELEMENTS // D)
+        for r0 in range(0, R, step):
+            rows = slice(r0, r0 + step)
+            a = amax[:, rows] if per_channel else amax
+            for k, ratio in enumerate(ratios):
+                vals = self.project(W[:, rows], a * ratio)
+                losses[:, rows, k] = row_loss(vals, rows) if row_loss is not None else \
+                    (vals - W[:, rows]).pow(2).sum(-1)
+        if per_channel:
+            best = losses.argmin(-1, keepdim=True)
+        else:
+            best = losses.sum(dim=(0, 1)).argmin().reshape(1, 1, 1)
+        self.scale = amax * torch.tensor(ratios, dtype=W.dtype, device=W.device)[best]
 
     def project(self, W: torch.Tensor, scale: torch.Tensor, weight_cols: int | None = None) -> torch.Tensor:
         """``W`` with its first ``weight_cols`` columns (default: the layer's weight columns)
@@ -255,15 +260,19 @@ class ConstraintPlan:
             vals = torch.cat([vals, W[..., c:]], dim=-1)
         return vals
 
-    def effective(self, W: torch.Tensor) -> torch.Tensor:
-        """The weight the loss sees: the quantized latent weight (straight-through)."""
+    def effective(self, W: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight the loss sees: the quantized latent weight (straight-through); ``W`` may
+        hold only the output rows ``rows``."""
         if self.quant is None:
             return W
-        return self.project(W, self.scale) * self.mask
+        scale = self.scale[:, rows] if self.scale.shape[1] > 1 else self.scale
+        return self.project(W, scale) * self.mask[:, rows]
 
-    def codes(self, W: torch.Tensor, weight_cols: int | None = None) -> torch.Tensor:
+    def codes(self, W: torch.Tensor, weight_cols: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The grid codes of ``W`` (which holds the output rows ``rows``)."""
         c = self.geometry.cols if weight_cols is None else weight_cols
-        return self.ops["quantize"](W[..., :c], self.scale, self.quant.bits)[0]
+        scale = self.scale[:, rows] if self.scale.shape[1] > 1 else self.scale
+        return self.ops["quantize"](W[..., :c], scale, self.quant.bits)[0]
 
     # --------------------------------------------------------------- results
     def kept_channels(self) -> torch.Tensor | None:

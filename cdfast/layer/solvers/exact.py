@@ -42,6 +42,7 @@ from ...dispatch import call
 from ..constraints import expand_channels
 from ..losses import Quadratic, robust_cholesky
 from ..plan import ConstraintPlan
+from . import woodbury
 from .sweep import (BLOCK, ColumnRule, WindowBudget, act_order, coordinate_pass, exchange_rounds, grid_search_scale,
                     nm_order, refit_scale, reverse_cholesky, sweep, upper_t_mul)
 
@@ -295,11 +296,7 @@ def _select_channels(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
         w, hinv = W[g].clone(), Hinv[g].clone()
         rows = w.shape[0]
         alive = keep[g]
-        total = C - k_target
-        rounds = min(CHANNEL_ROUNDS, total)
-        removed = 0
-        while removed < total:
-            r = math.ceil((total - removed) / rounds)
+        for r in channel_rounds(C - k_target):
             idx = torch.nonzero(alive).flatten()
             blocks = hinv[:C * t, :C * t].reshape(C, t, C, t).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[idx]
             wj = w[:, :C * t].reshape(rows, C, t).transpose(0, 1)[idx]  # (alive, rows, t)
@@ -312,12 +309,22 @@ def _select_channels(quad: Quadratic, plan: ConstraintPlan) -> torch.Tensor:
             hinv -= hJ.t() @ coef @ hJ
             w[:, J] = 0
             alive[drop] = False
-            removed += r
-            rounds -= 1
     return keep
 
 
-def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "auto", strict: bool | None = None):
+def channel_rounds(total: int) -> list[int]:
+    """Channels removed in each round when ``total`` go: at most ``CHANNEL_ROUNDS`` rounds,
+    each removing ``⌈remaining/rounds left⌉``."""
+    out, rounds = [], min(CHANNEL_ROUNDS, total)
+    while total > 0:
+        r = math.ceil(total / rounds)
+        out.append(r)
+        total, rounds = total - r, rounds - 1
+    return out
+
+
+def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "auto", strict: bool | None = None,
+                lowrank: bool = False):
     """The exact solver. Returns ``(W, history)`` with the loss after each phase.
 
     Linear solves on a support, the channel selection and the penalties work in float64
@@ -325,7 +332,16 @@ def exact_solve(quad: Quadratic, plan: ConstraintPlan, backend: str | None = "au
     statistics); the sweeps and coordinate passes, damped by at least ``GPTQ_DAMPING``,
     work in the statistics' dtype. ``backend``/``strict`` choose the implementations of
     the ``sweep_block`` and ``coordinate_block`` operators (:mod:`cdfast.dispatch`).
+    ``lowrank``: solve on the factor of a low-rank quadratic, ``H`` never formed
+    (:mod:`.woodbury`; column supports only: no weight or N:M budget, grid or penalty).
     """
+    if lowrank:
+        if quad.representation != "lowrank" or not woodbury.takes(plan.items):
+            raise ValueError("solver: the exact solver works on the low-rank form for channel budgets and "
+                             "channel supports only (no WeightPrune, NMSparsity, Quantize or penalties), "
+                             "with fewer sampled rows than columns")
+        W = woodbury.lowrank_solve(quad, plan, channel_rounds)
+        return W, [(0, float(quad.loss(W)))]
     quad = quad.dense()
     ops = _BlockOps(quad.H.device, backend, strict)
     out_dtype = quad.H.dtype

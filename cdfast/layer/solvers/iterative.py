@@ -37,11 +37,11 @@ iterates, a fraction of the work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..losses import Quadratic
+from ..losses import LOSS_CHUNK_ELEMENTS, Quadratic
 from ..plan import ConstraintPlan
 
 __all__ = ["SolverConfig", "run_iterative", "gram_iterative", "data_iterative", "TorchGramEngine",
@@ -105,33 +105,41 @@ class _Optimizer:
             self.v = self.v[..., cols].contiguous()
 
     def step(self, W: torch.Tensor, grad: torch.Tensor, lr: float, mask: torch.Tensor | None) -> None:
-        if mask is not None:
-            grad = grad * mask
-            self.m.mul_(mask)
-            if self.v is not None:
-                self.v.mul_(mask)
         self.t += 1
+        self.update(W, grad, lr, mask)
+
+    def update(self, W: torch.Tensor, grad: torch.Tensor, lr: float, mask: torch.Tensor | None,
+               rows: slice = slice(None)) -> None:
+        """Step ``self.t``'s update of the output rows ``rows`` (``grad`` holds those rows): a
+        wide layer's step can then go a chunk of rows at a time, its gradient never whole."""
+        W, m, v = W[:, rows], self.m[:, rows], None if self.v is None else self.v[:, rows]
+        if mask is not None:
+            mask = mask[:, rows]
+            grad = grad.mul_(mask)  # the engines' own gradient: masked in place
+            m.mul_(mask)
+            if v is not None:
+                v.mul_(mask)
         cfg = self.cfg
-        if self.v is None:  # SGD with momentum (dampening 0, as torch.optim.SGD)
+        if v is None:  # SGD with momentum (dampening 0, as torch.optim.SGD)
             if self.t == 1:
-                self.m.copy_(grad)
+                m.copy_(grad)
             else:
-                self.m.mul_(cfg.momentum).add_(grad)
-            W.add_(self.m, alpha=-lr)
+                m.mul_(cfg.momentum).add_(grad)
+            W.add_(m, alpha=-lr)
             return
         b1, b2 = cfg.betas
-        if self._fused:
+        if self._fused and W.is_contiguous():
             # torch's fused Adam kernel: the same update as torch.optim.Adam in one pass
             # instead of eight elementwise launches (a small layer's step is launch-bound).
             self._step.fill_(self.t)
-            torch._fused_adam_([W], [grad], [self.m], [self.v], [], [self._step], lr=lr, beta1=b1, beta2=b2,
+            torch._fused_adam_([W], [grad], [m], [v], [], [self._step], lr=lr, beta1=b1, beta2=b2,
                                weight_decay=0.0, eps=cfg.eps, amsgrad=False, maximize=False)
             return
-        self.m.lerp_(grad, 1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         step_size = lr / (1 - b1 ** self.t)
-        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(cfg.eps)
-        W.addcdiv_(self.m, denom, value=-step_size)
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(cfg.eps)
+        W.addcdiv_(m, denom, value=-step_size)
 
 
 # ------------------------------------------------------------------- the loop
@@ -231,21 +239,44 @@ class TorchGramEngine:
     def _mask(self) -> torch.Tensor | None:
         return None if (self.cols is not None or self._mask_all) else self.plan.mask
 
-    def effective(self) -> torch.Tensor:
+    def effective(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight the loss sees (its output rows ``rows``): the quantized latent weight."""
         plan = self.plan
         if plan.quant is None:
-            return self.W
-        vals = plan.project(self.W, plan.scale, self.weight_cols)
+            return self.W[:, rows]
+        scale = plan.scale[:, rows] if plan.scale.shape[1] > 1 else plan.scale
+        vals = plan.project(self.W[:, rows], scale, self.weight_cols)
         mask = self._mask()
-        return vals if mask is None else vals * mask
+        return vals if mask is None else vals * mask[:, rows]
 
     # -- one step
     def step(self, i: int, lr: float, want_value: bool, keep_previous: bool) -> torch.Tensor | None:
         q = self.quad
-        G, value = q.step_terms(self.effective() - q.anchor, self.two_s, want_value)
         if keep_previous:
             self.prev = self.W.clone()
+        if q.H is None:
+            return self._lowrank_step(lr, want_value)
+        G, value = q.step_terms(self.effective() - q.anchor, self.two_s, want_value)
         self.opt.step(self.W, G, lr, self._mask())
+        return value
+
+    def _lowrank_step(self, lr: float, want_value: bool):
+        """The step on the low-rank form a chunk of output rows at a time (a row's gradient
+        depends on that row alone): a wide layer's step holds no temporary of the weight's
+        size, its gradient included."""
+        q = self.quad
+        R, D = self.W.shape[1:]
+        step = max(1, LOSS_CHUNK_ELEMENTS // D)
+        value = q.f0.double() if want_value else None
+        mask = self._mask()
+        self.opt.t += 1
+        for r0 in range(0, R, step):
+            rows = slice(r0, r0 + step)
+            delta = self.effective(rows) - q.anchor[:, rows]
+            G = q.residual(delta, rows)
+            if want_value:
+                value = value + (delta * (G + q.F[:, rows])).sum().double()
+            self.opt.update(self.W, G.mul_(self.two_s), lr, mask, rows)
         return value
 
     def after_step(self, i: int, lr: float) -> None:
@@ -253,13 +284,30 @@ class TorchGramEngine:
             self._mask_all = bool(self.plan.mask.all())
 
     def refit_scale(self) -> None:
-        plan = self.plan
-        codes = plan.codes(self.W, self.weight_cols)
-        plan.scale = self.quad.best_scale(codes, plan.quant.levels, plan.quant.per_channel, plan.scale, self.W)
+        plan, q = self.plan, self.quad
+        L, wc = plan.quant.levels, self.weight_cols
+        if q.H is not None or not plan.quant.per_channel:
+            plan.scale = q.best_scale(plan.codes(self.W, wc), L, plan.quant.per_channel, plan.scale, self.W)
+            return
+        # per-channel scales on the low-rank form: each row's own, a chunk of rows at a time
+        scale = plan.scale.clone()
+        step = max(1, LOSS_CHUNK_ELEMENTS // self.W.shape[-1])
+        for r0 in range(0, self.W.shape[1], step):
+            rows = slice(r0, r0 + step)
+            W = self.W[:, rows]
+            part = replace(q, anchor=q.anchor[:, rows], F=q.F[:, rows])
+            scale[:, rows] = part.best_scale(plan.codes(W, wc, rows), L, True, plan.scale[:, rows], W)
+        plan.scale = scale
 
     # -- the best iterate
     def snapshot(self):
-        return self.prev.clone(), self.plan.scale.clone(), self.cols
+        return self._hand_over_prev(), self.plan.scale.clone(), self.cols
+
+    def _hand_over_prev(self) -> torch.Tensor:
+        """The iterate before the last step, for keeps: handed over, not copied (the next
+        tracked step copies ``W`` afresh), so a wide layer holds one such copy, not two."""
+        prev, self.prev = self.prev, None
+        return prev
 
     def restore(self, snap) -> None:
         self.W, self.plan.scale, self.cols = snap
