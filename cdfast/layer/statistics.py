@@ -331,7 +331,7 @@ class LayerStatistics:
             x = self.factors()[0].double()
             G, D, M = x.shape
             if 1 < M < D:
-                K = torch.bmm(x.transpose(1, 2), x)
+                K = symmetric_gram(x.transpose(1, 2))  # its upper triangle: half the products
                 K.diagonal(dim1=-2, dim2=-1).add_(1e-10 * K.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)
                                                   .clamp_min(torch.finfo(K.dtype).tiny))
                 loo = 1.0 / torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(K)), dim1=-2, dim2=-1)
