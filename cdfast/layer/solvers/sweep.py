@@ -55,7 +55,10 @@ TRI_BLOCK = 256
 def reverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """``Ũ`` upper triangular with ``H = Ũ·Ũᵀ`` (batched): the Cholesky factor of ``H`` with
     its columns taken in reverse order."""
-    return torch.flip(robust_cholesky(torch.flip(H, (-2, -1))), (-2, -1)).contiguous()
+    # LAPACK returns its factor column-major: the upper factor of flip(H) is, read row by row,
+    # the lower one, so flipping that view gives Ũ row-major without a transposing copy
+    U = robust_cholesky(torch.flip(H, (-2, -1)), upper=True)
+    return torch.flip(U.transpose(-2, -1), (-2, -1)).contiguous()
 
 
 def upper_t_mul(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
