@@ -222,6 +222,7 @@ def test_float32_history_is_the_float64_loss(comp):
     assert W.dtype == torch.float32
     ref = float(q64.loss(W.double()))
     assert abs(hist[-1][1] - ref) <= 1e-5 * ref
+    assert abs(float(q.loss(W)) - ref) <= 1e-5 * ref  # the float32 quadratic's own value
 
 
 @pytest.mark.parametrize("extra", [cdfast.WeightPrune(0.5), cdfast.Quantize(3)], ids=str)

@@ -60,7 +60,19 @@ import torch
 
 from .geometry import LayerGeometry
 
-__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky"]
+__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky", "row_dots"]
+
+
+def row_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``⟨x, y⟩`` of every pair of rows (last dimension) of ``X`` and ``Y``, as float64 of their
+    leading shape: each in the tensors' dtype, in one pass that allocates nothing their size
+    (a float32 loss summed in float64 without a float64 copy of a large matrix)."""
+    n = X.shape[-1]
+    if X.dtype != Y.dtype:
+        dtype = torch.promote_types(X.dtype, Y.dtype)
+        X, Y = X.to(dtype), Y.to(dtype)
+    dots = torch.bmm(X.reshape(-1, 1, n), Y.reshape(-1, n, 1))
+    return dots.view(X.shape[:-1]).double()
 
 
 def robust_cholesky(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
@@ -290,7 +302,8 @@ class Quadratic:
             x = x.to(dtype)
             e = e.to(dtype) if e is not None else None
             if e is None:  # every term sees X^T: H = (Σ w)·X·Xᵀ, F = 0, f₀ = 0
-                Z = math.sqrt(sum(t.weight for t in terms)) * x
+                w = sum(t.weight for t in terms)
+                Z = x if w == 1 else math.sqrt(w) * x
                 Fm, f0 = torch.zeros_like(a), a.new_zeros(())
             else:
                 qs = [x + t.d * e if t.d else x for t in terms]
@@ -302,7 +315,7 @@ class Quadratic:
                         Fm.baddbmm_(ae, q.transpose(1, 2), alpha=t.weight * (t.d - t.b))
                 f0 = e_coef * ae.pow(2).sum() if e_coef else a.new_zeros(())
             if lowrank:
-                return cls(None, Fm, a, f0, scale, damping, unseen, factor=Z.contiguous())
+                return cls(None, Fm, a, f0, scale, damping, unseen, factor=Z)
             from .statistics import symmetric_gram
 
             return cls(symmetric_gram(Z), Fm, a, f0, scale, damping, unseen)
@@ -405,10 +418,11 @@ class Quadratic:
         """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range)."""
         delta = W - self.anchor
         if self.H is None:  # tr(ΔHΔᵀ) = ‖Δ·Z‖²: one product, not two
-            value = torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F).sum() + self.f0
+            dz = torch.bmm(delta, self.factor)
+            value = row_dots(dz, dz).sum() + 2 * row_dots(delta, self.F).sum()
         else:
-            value = (delta * (self.residual(delta) + self.F)).sum() + self.f0
-        return self.scale * value.double()
+            value = row_dots(delta, self.residual(delta) + self.F).sum()
+        return self.scale * (value + self.f0.double())
 
     def teacher_loss(self) -> torch.Tensor:
         """``L(A) = s·f₀``: the loss at the teacher's weight, without a product (float64, as :meth:`loss`)."""

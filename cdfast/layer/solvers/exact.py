@@ -40,10 +40,10 @@ import torch
 
 from ...dispatch import call
 from ..constraints import expand_channels
-from ..losses import Quadratic, robust_cholesky
+from ..losses import Quadratic, robust_cholesky, row_dots
 from ..plan import ConstraintPlan
-from .sweep import (BLOCK, ColumnRule, WindowBudget, act_order, coordinate_pass, exchange_rounds, grid_search_scale,
-                    nm_order, refit_scale, reverse_cholesky, sweep, transposed, upper_t_mul)
+from .sweep import (ColumnRule, WindowBudget, act_order, block_size, coordinate_pass, exchange_rounds,
+                    grid_search_scale, nm_order, refit_scale, reverse_cholesky, sweep, transposed, upper_t_mul)
 
 __all__ = ["exact_solve", "solve_on_support", "penalized_solve", "GPTQ_DAMPING"]
 
@@ -197,19 +197,10 @@ def _loss(quad: Quadratic, prob: _SweepProblem, Q: torch.Tensor, Y: torch.Tensor
         return float(quad.loss(prob.back(Q)))
     with_F = bool(quad.F.any())
     A = prob.to_sweep(quad.anchor) if with_F else prob.T  # T = A when F = 0
-    value = _row_dots(Y, Y).sum() - (prob.lam.double() * _row_dots(Q - A, Q - A).sum(-1)).sum() + quad.f0.double()
+    value = row_dots(Y, Y).sum() - (prob.lam.double() * row_dots(Q - A, Q - A).sum(-1)).sum() + quad.f0.double()
     if with_F:
-        value = value - _row_dots(A - prob.T, prob.to_sweep(quad.F)).sum()
+        value = value - row_dots(A - prob.T, prob.to_sweep(quad.F)).sum()
     return float(quad.scale * value)
-
-
-def _row_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """``⟨x, y⟩`` of every row pair of ``X``, ``Y`` ``(G, D, R)`` as float64 ``(G, D)``: each row's
-    dot product in the working dtype (one pass, nothing the size of ``X`` allocated), their sums in
-    float64."""
-    G, D, R = X.shape
-    dots = torch.bmm(X.reshape(G * D, 1, R), Y.reshape(G * D, R, 1))
-    return dots.view(G, D).double()
 
 
 def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -222,9 +213,9 @@ def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[tor
     if plan.nm is not None:
         m = plan.nm.m
         order = nm_order(wc, geo.taps, m, D, quad.H.device).expand(G, D)
-        block, window = m * math.ceil(BLOCK / m), m
-    else:
-        order, block, window = None, BLOCK, MASK_WINDOW
+        block, window = m * math.ceil(block_size(D) / m), m
+    else:  # (MASK_WINDOW is a multiple of every block size)
+        order, block, window = None, block_size(D), MASK_WINDOW
     prob = _sweep_problem(quad, order)
     fixed = None if bool(plan.mask.all()) else prob.to_sweep(plan.mask)  # a FixedSupport: never leave it
     mask = torch.ones(G, D, R, dtype=torch.bool, device=quad.H.device) if fixed is None else fixed.clone()
@@ -276,13 +267,14 @@ def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor | None, sup
     start = (prob.T if W is None else prob.to_sweep(W))[:, :wc]
     scale = grid_search_scale(start, pivots, q.bits, q.per_channel, None if mask is None else mask[:, :wc])
     rule = ColumnRule(mask, scale, q.bits, wc)
-    Q = sweep(prob.T, prob.U, rule, block_op=ops.sweep)
+    block = block_size(D)
+    Q = sweep(prob.T, prob.U, rule, block, block_op=ops.sweep)
     UT = upper_t_mul(prob.U, prob.T)
     _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
     for i in range(QUANT_PASSES):
         if i:
             _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
-        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block_op=ops.coordinate)
+        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block, block_op=ops.coordinate)
     scale = rule.scale.transpose(1, 2)  # (G, R, 1)
     return prob.back(Q), (scale if q.per_channel else scale[:1, :1, :1]).contiguous(), _loss(quad, prob, Q, Y)
 

@@ -41,15 +41,29 @@ import torch
 
 from ..losses import robust_cholesky
 
-__all__ = ["BLOCK", "transposed", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "coordinate_pass", "obs_values",
-           "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds",
+__all__ = ["BLOCK", "block_size", "transposed", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep",
+           "coordinate_pass", "obs_values", "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds",
            "sweep_block", "coordinate_block"]
 
 #: Columns per block of the lazy updates (the in-block work is elementwise, the rest one
 #: matrix product per block).
 BLOCK = 32
+#: Most columns per block (:func:`block_size`).
+MAX_BLOCK = 128
 #: Rows per block of the triangular products (:func:`upper_t_mul`).
 TRI_BLOCK = 256
+
+
+def block_size(columns: int) -> int:
+    """Columns per block of the sweeps and passes over ``columns`` columns: ``BLOCK``, doubled
+    while it stays within ``2·√columns`` (at most ``MAX_BLOCK``). Each block streams the
+    columns after it once (∝ columns²/block) and works inside itself column by column
+    (∝ columns·block): one thread, a 4096-column layer's pass takes 2.9-3.6 s at 128 against
+    4.1 s at 32, a 768-column one 0.07-0.10 s at 32 against 0.13-0.18 s at 128 (loaded machine)."""
+    n = BLOCK
+    while 2 * n <= min(MAX_BLOCK, 2 * math.sqrt(columns)):
+        n *= 2
+    return n
 
 
 def transposed(X: torch.Tensor) -> torch.Tensor:
