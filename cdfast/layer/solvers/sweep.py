@@ -21,7 +21,7 @@ are fixed at ``q_i`` is
 
 the papers' update written with ``Ũ`` instead of the factor of ``H⁻¹``, and fixing it adds
 ``Ũ_jj²·(w_j − q_j)²`` to the loss: column ``j`` of ``Y`` is ``Ũ_jj·(q_j − w_j)``. The sums are
-accumulated lazily, one matrix product per block of ``BLOCK`` columns. A :class:`ColumnRule`
+accumulated lazily, one matrix product per block of columns (:func:`block_size`). A :class:`ColumnRule`
 decides ``q_j`` from ``w_j`` (rounding, a mask, or both), and a :class:`WindowBudget` may
 choose the mask on the way from the values a window of columns would take given the
 fixed ones (:func:`obs_values`), as SparseGPT does.
@@ -42,8 +42,8 @@ import torch
 from ..losses import robust_cholesky
 
 __all__ = ["BLOCK", "block_size", "transposed", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep",
-           "coordinate_pass", "obs_values", "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds",
-           "sweep_block", "coordinate_block"]
+           "coordinate_pass", "obs_values", "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order",
+           "exchange_rounds", "sweep_block", "coordinate_block"]
 
 #: Columns per block of the lazy updates (the in-block work is elementwise, the rest one
 #: matrix product per block).
