@@ -93,6 +93,16 @@ def test_unseen_energy_is_the_leave_one_out_energy_per_unseen_direction():
     assert st.unseen_energy() == 0.0  # the rows span every column
 
 
+def test_unseen_energy_with_more_rows_than_a_gram_block():
+    # K = XᵀX is formed from its upper blocks (statistics.GRAM_BLOCK): several blocks here
+    lin = nn.Linear(333, 3)
+    x = torch.randn(301, 333, dtype=F64) * torch.linspace(2, 0.1, 333, dtype=F64) + 0.3
+    st = LayerStatistics(lin, dtype=F64).update(x[:170], x[:170]).update(x[170:], x[170:])
+    loo = 1.0 / torch.diagonal(torch.linalg.inv(x @ x.t()))
+    expect = 301 * float(loo.mean()) / (333 - 301 + 1) / float(torch.diagonal(x.t() @ x).mean())
+    assert abs(st.unseen_energy() - expect) < 1e-6 * expect
+
+
 @pytest.mark.parametrize("loss", ["nc", "cross", "soft"])
 @pytest.mark.parametrize("fit_bias", [False, True])
 def test_lowrank_quadratic_equals_the_dense_one(loss, fit_bias):

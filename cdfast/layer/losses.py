@@ -60,7 +60,19 @@ import torch
 
 from .geometry import LayerGeometry
 
-__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky"]
+__all__ = ["LossSpec", "Quadratic", "ActivationSpec", "LOSSES", "robust_cholesky", "row_dots"]
+
+
+def row_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``⟨x, y⟩`` of every pair of rows (last dimension) of ``X`` and ``Y``, as float64 of their
+    leading shape: each in the tensors' dtype, in one pass that allocates nothing their size
+    (a float32 loss summed in float64 without a float64 copy of a large matrix)."""
+    n = X.shape[-1]
+    if X.dtype != Y.dtype:
+        dtype = torch.promote_types(X.dtype, Y.dtype)
+        X, Y = X.to(dtype), Y.to(dtype)
+    dots = torch.bmm(X.reshape(-1, 1, n), Y.reshape(-1, n, 1))
+    return dots.view(X.shape[:-1]).double()
 
 #: Elements of the weight per chunk of rows when the low-rank form evaluates the loss.
 LOSS_CHUNK_ELEMENTS = 1 << 20
@@ -295,7 +307,8 @@ class Quadratic:
             x = x.to(dtype)
             e = e.to(dtype) if e is not None else None
             if e is None:  # every term sees X^T: H = (Σ w)·X·Xᵀ, F = 0, f₀ = 0
-                Z = math.sqrt(sum(t.weight for t in terms)) * x
+                w = sum(t.weight for t in terms)
+                Z = x if w == 1 else math.sqrt(w) * x
                 Fm, f0 = torch.zeros_like(a), a.new_zeros(())
             else:
                 qs = [x + t.d * e if t.d else x for t in terms]
@@ -308,7 +321,7 @@ class Quadratic:
                             Fm.baddbmm_(ae, q.transpose(1, 2), alpha=t.weight * (t.d - t.b))
                     f0 = e_coef * ae.pow(2).sum()
             if lowrank:
-                return cls(None, Fm, a, f0, scale, damping, unseen, factor=Z.contiguous())
+                return cls(None, Fm, a, f0, scale, damping, unseen, factor=Z)
             from .statistics import symmetric_gram
 
             return cls(symmetric_gram(Z), Fm, a, f0, scale, damping, unseen)
@@ -414,19 +427,21 @@ class Quadratic:
         return dz.pow(2).sum() + 2 * torch.dot(delta.reshape(-1), self.F.reshape(-1)) + self.f0
 
     def loss(self, W: torch.Tensor) -> torch.Tensor:
-        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range). The low-rank
-        form takes a chunk of rows at a time, ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``: no temporary of the
-        weight's size (a wide layer's weight is the largest thing a low-rank solve holds)."""
+        """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range), float32 products
+        summed in float64 by row dot products. The low-rank form takes a chunk of rows at a
+        time, ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``: one product, and no temporary of the weight's size (a wide
+        layer's weight is the largest thing a low-rank solve holds)."""
         if self.H is not None:
             delta = W - self.anchor
-            return self.scale * ((delta * (self.residual(delta) + self.F)).sum() + self.f0).double()
+            return self.scale * (row_dots(delta, self.residual(delta) + self.F).sum() + self.f0.double())
         R, D = self.anchor.shape[1:]
         step = max(1, LOSS_CHUNK_ELEMENTS // D)
         value = self.f0.double()
         for r0 in range(0, R, step):
             rows = slice(r0, r0 + step)
             delta = W[:, rows] - self.anchor[:, rows]
-            value = value + (torch.bmm(delta, self.factor).pow(2).sum() + 2 * (delta * self.F[:, rows]).sum()).double()
+            dz = torch.bmm(delta, self.factor)
+            value = value + row_dots(dz, dz).sum() + 2 * row_dots(delta, self.F[:, rows]).sum()
         return self.scale * value
 
     def step_terms(self, delta: torch.Tensor, alpha: float, want_value: bool

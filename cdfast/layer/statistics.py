@@ -134,7 +134,8 @@ class LayerStatistics:
         check_pair(self.geometry, h_teacher, h_student)
         h_teacher, h_student = h_teacher.detach(), h_student.detach()
         if self.dtype == torch.float32:
-            m = float(torch.maximum(h_teacher.abs().max(), h_student.abs().max()))
+            m = float(h_teacher.abs().max() if h_student is h_teacher
+                      else torch.maximum(h_teacher.abs().max(), h_student.abs().max()))
             if m > _FLOAT32_RANGE[1] or 0 < m < _FLOAT32_RANGE[0]:
                 self._promote()
         equal = h_student is h_teacher or torch.equal(h_teacher, h_student)
@@ -306,11 +307,13 @@ class LayerStatistics:
         if self.representation != "lowrank":
             raise ValueError("factors: the statistics hold Grams (the rows reached the columns), "
                              "not the unfolded inputs")
-        x = torch.cat([f[0] for f in self._factors], dim=2)
-        if not self.has_error:
-            return x, None
-        e = torch.cat([f[1] if f[1] is not None else torch.zeros_like(f[0]) for f in self._factors], dim=2)
-        return x, e
+        if len(self._factors) > 1:  # joined once: later calls (and a single batch) copy nothing
+            x = torch.cat([f[0] for f in self._factors], dim=2)
+            e = None
+            if self.has_error:
+                e = torch.cat([f[1] if f[1] is not None else torch.zeros_like(f[0]) for f in self._factors], dim=2)
+            self._factors = [(x, e)]
+        return self._factors[0]
 
     def unseen_energy(self) -> float:
         r"""The energy per direction that fresh inputs have outside the span of the
@@ -331,7 +334,7 @@ class LayerStatistics:
             x = self.factors()[0].double()
             G, D, M = x.shape
             if 1 < M < D:
-                K = torch.bmm(x.transpose(1, 2), x)
+                K = symmetric_gram(x.transpose(1, 2))  # its upper triangle: half the products
                 K.diagonal(dim1=-2, dim2=-1).add_(1e-10 * K.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)
                                                   .clamp_min(torch.finfo(K.dtype).tiny))
                 loo = 1.0 / torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(K)), dim1=-2, dim2=-1)

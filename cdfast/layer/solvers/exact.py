@@ -40,11 +40,11 @@ import torch
 
 from ...dispatch import call
 from ..constraints import expand_channels
-from ..losses import Quadratic, robust_cholesky
+from ..losses import Quadratic, robust_cholesky, row_dots
 from ..plan import ConstraintPlan
 from . import woodbury
-from .sweep import (BLOCK, ColumnRule, WindowBudget, act_order, coordinate_pass, exchange_rounds, grid_search_scale,
-                    nm_order, refit_scale, reverse_cholesky, sweep, upper_t_mul)
+from .sweep import (ColumnRule, WindowBudget, act_order, block_size, coordinate_pass, exchange_rounds,
+                    grid_search_scale, nm_order, refit_scale, reverse_cholesky, sweep, transposed, upper_t_mul)
 
 __all__ = ["exact_solve", "solve_on_support", "penalized_solve", "GPTQ_DAMPING"]
 
@@ -152,16 +152,16 @@ class _SweepProblem:
 
     def to_sweep(self, X: torch.Tensor) -> torch.Tensor:
         """``(G, R, D)`` in layer order → ``(G, D, R)`` in sweep order."""
-        Xt = X.transpose(1, 2)
+        Xt = transposed(X)
         if self.order is None:
-            return Xt.contiguous()
-        return torch.gather(Xt, 1, self.order[..., None].expand(Xt.shape)).contiguous()
+            return Xt
+        return torch.gather(Xt, 1, self.order[..., None].expand(Xt.shape))
 
     def back(self, Xt: torch.Tensor) -> torch.Tensor:
         """``(G, D, R)`` in sweep order → ``(G, R, D)`` in layer order."""
         if self.order is not None:
             Xt = torch.empty_like(Xt).scatter_(1, self.order[..., None].expand(Xt.shape), Xt)
-        return Xt.transpose(1, 2).contiguous()
+        return transposed(Xt)
 
 
 def _sweep_problem(quad: Quadratic, order: torch.Tensor | None, target: torch.Tensor | None = None) -> _SweepProblem:
@@ -198,9 +198,9 @@ def _loss(quad: Quadratic, prob: _SweepProblem, Q: torch.Tensor, Y: torch.Tensor
         return float(quad.loss(prob.back(Q)))
     with_F = bool(quad.F.any())
     A = prob.to_sweep(quad.anchor) if with_F else prob.T  # T = A when F = 0
-    value = Y.double().pow(2).sum() - (prob.lam[:, None, None] * (Q - A).pow(2)).sum().double() + quad.f0.double()
+    value = row_dots(Y, Y).sum() - (prob.lam.double() * row_dots(Q - A, Q - A).sum(-1)).sum() + quad.f0.double()
     if with_F:
-        value = value - ((A - prob.T) * prob.to_sweep(quad.F)).sum().double()
+        value = value - row_dots(A - prob.T, prob.to_sweep(quad.F)).sum()
     return float(quad.scale * value)
 
 
@@ -214,9 +214,9 @@ def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[tor
     if plan.nm is not None:
         m = plan.nm.m
         order = nm_order(wc, geo.taps, m, D, quad.H.device).expand(G, D)
-        block, window = m * math.ceil(BLOCK / m), m
-    else:
-        order, block, window = None, BLOCK, MASK_WINDOW
+        block, window = m * math.ceil(block_size(D) / m), m
+    else:  # (MASK_WINDOW is a multiple of every block size)
+        order, block, window = None, block_size(D), MASK_WINDOW
     prob = _sweep_problem(quad, order)
     fixed = None if bool(plan.mask.all()) else prob.to_sweep(plan.mask)  # a FixedSupport: never leave it
     mask = torch.ones(G, D, R, dtype=torch.bool, device=quad.H.device) if fixed is None else fixed.clone()
@@ -229,7 +229,8 @@ def _prune(quad: Quadratic, plan: ConstraintPlan, ops: "_BlockOps") -> tuple[tor
             score = torch.where(fixed[:, :wc], score, torch.full_like(score, -1.0))
         chosen = topk(score, int(plan.weight.density * plan.numel + 1e-9))
         windows = math.ceil(wc / window)
-        chosen = torch.nn.functional.pad(chosen, (0, 0, 0, windows * window - wc))
+        if windows * window > wc:
+            chosen = torch.nn.functional.pad(chosen, (0, 0, 0, windows * window - wc))
         keep = chosen.reshape(G, windows, -1).sum(-1)
         budget = WindowBudget(prob.U, window, topk, keep=keep, cols=wc, allowed=fixed)
     rule = ColumnRule(mask=mask, budget=budget)
@@ -267,13 +268,14 @@ def _quantize(quad: Quadratic, plan: ConstraintPlan, W: torch.Tensor | None, sup
     start = (prob.T if W is None else prob.to_sweep(W))[:, :wc]
     scale = grid_search_scale(start, pivots, q.bits, q.per_channel, None if mask is None else mask[:, :wc])
     rule = ColumnRule(mask, scale, q.bits, wc)
-    Q = sweep(prob.T, prob.U, rule, block_op=ops.sweep)
+    block = block_size(D)
+    Q = sweep(prob.T, prob.U, rule, block, block_op=ops.sweep)
     UT = upper_t_mul(prob.U, prob.T)
     _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
     for i in range(QUANT_PASSES):
         if i:
             _, Y = refit_scale(Q, rule, prob.U, UT, q.per_channel)
-        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block_op=ops.coordinate)
+        Q, Y = coordinate_pass(Q, Y, prob.U, prob.H, rule, block, block_op=ops.coordinate)
     scale = rule.scale.transpose(1, 2)  # (G, R, 1)
     return prob.back(Q), (scale if q.per_channel else scale[:1, :1, :1]).contiguous(), _loss(quad, prob, Q, Y)
 

@@ -21,7 +21,7 @@ are fixed at ``q_i`` is
 
 the papers' update written with ``Ũ`` instead of the factor of ``H⁻¹``, and fixing it adds
 ``Ũ_jj²·(w_j − q_j)²`` to the loss: column ``j`` of ``Y`` is ``Ũ_jj·(q_j − w_j)``. The sums are
-accumulated lazily, one matrix product per block of ``BLOCK`` columns. A :class:`ColumnRule`
+accumulated lazily, one matrix product per block of columns (:func:`block_size`). A :class:`ColumnRule`
 decides ``q_j`` from ``w_j`` (rounding, a mask, or both), and a :class:`WindowBudget` may
 choose the mask on the way from the values a window of columns would take given the
 fixed ones (:func:`obs_values`), as SparseGPT does.
@@ -41,21 +41,52 @@ import torch
 
 from ..losses import robust_cholesky
 
-__all__ = ["BLOCK", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep", "coordinate_pass", "obs_values",
-           "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order", "exchange_rounds",
-           "sweep_block", "coordinate_block"]
+__all__ = ["BLOCK", "block_size", "transposed", "reverse_cholesky", "ColumnRule", "WindowBudget", "sweep",
+           "coordinate_pass", "obs_values", "grid_search_scale", "refit_scale", "upper_t_mul", "nm_order", "act_order",
+           "exchange_rounds", "sweep_block", "coordinate_block"]
 
 #: Columns per block of the lazy updates (the in-block work is elementwise, the rest one
 #: matrix product per block).
 BLOCK = 32
+#: Most columns per block (:func:`block_size`).
+MAX_BLOCK = 128
 #: Rows per block of the triangular products (:func:`upper_t_mul`).
 TRI_BLOCK = 256
+
+
+def block_size(columns: int) -> int:
+    """Columns per block of the sweeps and passes over ``columns`` columns: ``BLOCK``, doubled
+    while it stays within ``2·√columns`` (at most ``MAX_BLOCK``). Each block streams the
+    columns after it once (∝ columns²/block) and works inside itself column by column
+    (∝ columns·block): one thread, a 4096-column layer's pass takes 2.9-3.6 s at 128 against
+    4.1 s at 32, a 768-column one 0.07-0.10 s at 32 against 0.13-0.18 s at 128 (loaded machine)."""
+    n = BLOCK
+    while 2 * n <= min(MAX_BLOCK, 2 * math.sqrt(columns)):
+        n *= 2
+    return n
+
+
+def transposed(X: torch.Tensor) -> torch.Tensor:
+    """``X.transpose(1, 2)`` as a new contiguous tensor. On the CPU it is copied in square
+    tiles of ``TRI_BLOCK``: a plain strided copy of a large matrix misses the cache on every
+    element (a 4096 × 4096 float32 matrix: 0.27 s plain, 0.10 s in tiles, one thread)."""
+    G, n, m = X.shape
+    if X.device.type != "cpu" or n * m <= TRI_BLOCK * TRI_BLOCK:
+        return X.transpose(1, 2).contiguous()
+    out = torch.empty(G, m, n, dtype=X.dtype, device=X.device)
+    for i in range(0, n, TRI_BLOCK):
+        for j in range(0, m, TRI_BLOCK):
+            out[:, j:j + TRI_BLOCK, i:i + TRI_BLOCK] = X[:, i:i + TRI_BLOCK, j:j + TRI_BLOCK].transpose(1, 2)
+    return out
 
 
 def reverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """``Ũ`` upper triangular with ``H = Ũ·Ũᵀ`` (batched): the Cholesky factor of ``H`` with
     its columns taken in reverse order."""
-    return torch.flip(robust_cholesky(torch.flip(H, (-2, -1))), (-2, -1)).contiguous()
+    # LAPACK returns its factor column-major: the upper factor of flip(H) is, read row by row,
+    # the lower one, so flipping that view gives Ũ row-major without a transposing copy
+    U = robust_cholesky(torch.flip(H, (-2, -1)), upper=True)
+    return torch.flip(U.transpose(-2, -1), (-2, -1)).contiguous()
 
 
 def upper_t_mul(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
