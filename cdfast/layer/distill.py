@@ -202,9 +202,10 @@ def distill_layer(teacher_layer: nn.Module,
             per step (data form).
         statistics: a filled :class:`LayerStatistics` instead of inputs (Gram form).
         loss: ``"nc"``, ``"correction"``, ``"imitation"``, ``"cross"``, ``"soft"``, or ``"auto"``:
-            the layer chooses among ``nc`` and ``cross`` (μ = 0.9, 0.7, 0.5) by the held-out
-            ``nc`` loss over 5 folds of its samples (exact solver), or by ``M/D`` (cross
-            where ``M/D < 2``) otherwise; ``result.loss_choice`` says what and why
+            ``cross`` μ = 0.9 where ``M/D < 2``, else ``nc``, unless the held-out ``nc`` loss
+            over 5 folds of its samples (exact solver) shows another of ``nc``, ``cross``
+            μ = 0.9, 0.7, 0.5 better by more than one standard error; ``result.loss_choice``
+            says what and why
             (:mod:`cdfast.layer.selection`).
         mu: μ of ``cross``; alpha, beta: α, β of ``soft`` (all in [0, 1]).
         objective: ``"linear"`` (raw outputs, default) or ``"activation"`` (σ on both sides).

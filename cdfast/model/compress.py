@@ -466,11 +466,11 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
         compression: constraint(s) for the layers the policy compresses. A
             ``ChannelPrune(keep)`` removes channel groups (physically, from every layer
             that holds them); ``Quantize``/``WeightPrune``/… apply to each layer.
-        loss: ``"auto"`` (default): each layer chooses among ``nc`` and ``cross`` with
-            μ = 0.9, 0.7, 0.5 the one with the lowest ``nc`` loss on held-out folds of
-            the samples (:mod:`cdfast.layer.selection`; with one sample or an iterative
-            solver, ``cross`` μ = 0.9 where the layer has fewer than 2 sampled rows per
-            weight column, else ``nc``). Each layer's choice and why are in
+        loss: ``"auto"`` (default): each layer takes ``cross`` μ = 0.9 where it has fewer
+            than 2 sampled rows per weight column, else ``nc``, unless held-out folds of
+            the samples show another of ``nc``, ``cross`` μ = 0.9, 0.7, 0.5 better by more
+            than one standard error (:mod:`cdfast.layer.selection`; with one sample or an
+            iterative solver, the rows-per-column rule alone). Each layer's choice and why are in
             ``report.layers[i].loss`` / ``.choice`` (``report.choices()``); the channels
             of a group are selected with the rows-per-column rule on each consumer
             (``report.groups[j]["selection_loss"]``). Or any loss of
