@@ -35,7 +35,7 @@ import torch.nn as nn
 from .counting import count_flops, count_parameters
 from .graph import ChannelGroup, ModelGraph
 
-__all__ = ["Allocation", "ModelCount", "allocate_keep", "check_target", "MIN_KEEP"]
+__all__ = ["Allocation", "ModelCount", "allocate_keep", "check_target", "unit_steps", "MIN_KEEP"]
 
 #: Least fraction of its units a group keeps under a budget (a layer reduced to a handful
 #: of channels is more fragile than its curve on the teacher's features says).
@@ -137,6 +137,14 @@ def _choose(curves: dict[str, list[float]], costs: dict[str, int], floor: dict[s
     return removed
 
 
+def unit_steps(group: ChannelGroup) -> tuple[int, int, int]:
+    """``(units, step, floor)`` of a group: its removable units, the step its count moves
+    by (every block keeps the same count) and the fewest it may keep (:data:`MIN_KEEP`)."""
+    _, block = group.units(group.channels)
+    n_blocks = int(block.max()) + 1
+    return len(block), n_blocks, max(n_blocks, math.ceil(MIN_KEEP * len(block) / n_blocks) * n_blocks)
+
+
 def allocate_keep(groups: list[ChannelGroup], keep: dict[str, float], curves: dict[str, list[float]],
                   count: ModelCount, budget: int | None, kind: str) -> Allocation:
     """Kept fraction of every group under ``budget`` (see the module docstring).
@@ -146,14 +154,9 @@ def allocate_keep(groups: list[ChannelGroup], keep: dict[str, float], curves: di
     plan's fractions; ``budget`` None: the uniform plan's count.
     """
     by_root = {g.root: g for g in groups}
-    n_units, floor, step = {}, {}, {}
+    n_units, step, floor = {}, {}, {}
     for root in curves:
-        g = by_root[root]
-        unit, block = g.units(g.channels)
-        n_blocks = int(block.max()) + 1
-        n_units[root] = len(block)
-        step[root] = n_blocks  # every block keeps the same count
-        floor[root] = max(n_blocks, math.ceil(MIN_KEEP * len(block) / n_blocks) * n_blocks)
+        n_units[root], step[root], floor[root] = unit_steps(by_root[root])
     uniform_removed = {r: n_units[r] - max(step[r], int(keep[r] * n_units[r] + 1e-9) // step[r] * step[r])
                        for r in curves}
     total, uniform = count.total, count(uniform_removed)
@@ -190,6 +193,8 @@ def allocate_keep(groups: list[ChannelGroup], keep: dict[str, float], curves: di
             nxt = removed[r] + step[r]
             return (curves[r][nxt] - curves[r][removed[r]]) / max(price[r] * step[r], 1e-300)
         open_ = [r for r in curves if removed[r] + step[r] <= most[r] and price[r] > 0]
+        if not open_:  # cannot happen when `most` meets the budget; never loop forever
+            raise RuntimeError(f"target: the allocation stopped {need - spent(removed):,} {kind} short")
         pick = min(open_, key=added)
         removed[pick] += step[pick]
     kept = {r: n_units[r] - removed[r] for r in curves}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from ..layer.solvers.shared import pieces_of, select_shared_channels
 from ..layer.selection import AUTO_CANDIDATES, FoldedStatistics, rule_of_thumb
 from ..layer.statistics import LayerStatistics
 from . import checkpoint as ckpt
-from .allocate import MIN_KEEP, ModelCount, allocate_keep, check_target
+from .allocate import ModelCount, allocate_keep, check_target, unit_steps
 from .augment import check_augment, views
 from .counting import count_flops, count_parameters
 from .graph import ChannelGroup, ModelGraph, is_depthwise
@@ -336,11 +335,9 @@ def _allocate(target, keep: dict[str, float], graph: ModelGraph, teacher, studen
     groups = [g for g in graph.groups if g.root in keep]
     curves = {}
     for g in groups:
-        _, block = g.units(g.channels)
-        n_blocks = int(block.max()) + 1
-        floor = max(n_blocks, math.ceil(MIN_KEEP * len(block) / n_blocks) * n_blocks)
+        units, _, floor = unit_steps(g)
         removal_costs: list[float] = []
-        _select(g, floor / len(block), graph, teacher, student, batches, spec, stats_kw, select_on, removal_costs)
+        _select(g, floor / units, graph, teacher, student, batches, spec, stats_kw, select_on, removal_costs)
         curves[g.root] = [0.0] + torch.tensor(removal_costs, dtype=torch.float64).cumsum(0).tolist()
     count = ModelCount(student, example, groups, kind)
     budget = None if isinstance(target, str) else next(iter(target.values()))
