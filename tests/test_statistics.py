@@ -128,7 +128,7 @@ def test_lowrank_quadratic_equals_the_dense_one(loss, fit_bias):
     (g_low, v_low), (g_ref, v_ref) = low.step_terms(W - A, 0.7, True), ref.step_terms(W - A, 0.7, True)
     assert rel_err(g_low, 0.7 * (ref.hmul(W - A) + ref.F)) < 1e-12 and rel_err(g_ref, g_low) < 1e-12
     assert abs(float(v_low - v_ref)) < 1e-12 * abs(float(v_ref)) and low.step_terms(W - A, 0.7, False)[1] is None
-    assert abs(float(low.scale * v_low - low.loss(W))) < 1e-12 * float(low.loss(W))
+    assert abs(float(low.scale * (v_low + low.f0) - low.loss(W))) < 1e-12 * float(low.loss(W))
     assert rel_err(low.row_values(W), ref.row_values(W)) < 1e-12
     cols = torch.tensor([0, 2, 3, 5, 8, 9, 13])
     assert rel_err(low.restrict(cols).loss(W[..., cols]), ref.restrict(cols).loss(W[..., cols])) < 1e-12

@@ -422,10 +422,6 @@ class Quadratic:
         """``ΔH + F`` (the gradient is ``2s`` times this)."""
         return self.residual(W - self.anchor)
 
-    def _lowrank_value(self, delta: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        """``tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀`` from ``dz = Δ·Z``: ``tr(ΔHΔᵀ) = ‖Δ·Z‖²``, no second product."""
-        return dz.pow(2).sum() + 2 * torch.dot(delta.reshape(-1), self.F.reshape(-1)) + self.f0
-
     def loss(self, W: torch.Tensor) -> torch.Tensor:
         """``L(W)`` as a float64 scalar (``s`` may lie outside float32's range), float32 products
         summed in float64 by row dot products. The low-rank form takes a chunk of rows at a
@@ -444,19 +440,22 @@ class Quadratic:
             value = value + row_dots(dz, dz).sum() + 2 * row_dots(delta, self.F[:, rows]).sum()
         return self.scale * value
 
-    def step_terms(self, delta: torch.Tensor, alpha: float, want_value: bool
+    def step_terms(self, delta: torch.Tensor, alpha: float, want_value: bool, rows: slice = slice(None)
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(α·(ΔH + F), tr(ΔHΔᵀ) + 2tr(ΔFᵀ) + f₀)`` at ``Δ``, the value only when ``want_value``
-        (else None): an iterative step's gradient (``α = 2s``) and its loss without ``s``.
-        On the low-rank form both come from one ``Δ·Z``: the value is ``‖Δ·Z‖²`` and ``α`` is
-        applied inside the second product, so nothing of size ``C_out × D`` is swept again."""
+        """``(α·(ΔH + F), tr(ΔHΔᵀ) + 2tr(ΔFᵀ))`` at ``Δ`` (the output rows ``rows`` of it), the
+        value only when ``want_value`` (else None), in float64 and without ``f₀``, so that the
+        values of chunks of rows add up: an iterative step's gradient (``α = 2s``) and its loss
+        without ``s·f₀``. On the low-rank form both come from one ``Δ·Z``: the value is
+        ``‖Δ·Z‖² + 2⟨Δ, F⟩`` and ``α`` is applied inside the second product, so nothing of
+        size ``C_out × D`` is swept again."""
+        F = self.F[:, rows]
         if self.H is not None:
-            G = self.residual(delta)
-            value = (delta * (G + self.F)).sum() + self.f0 if want_value else None
+            G = self.residual(delta, rows)
+            value = row_dots(delta, G + F).sum() if want_value else None
             return G.mul_(alpha), value
         dz = torch.bmm(delta, self.factor)
-        value = self._lowrank_value(delta, dz) if want_value else None
-        return torch.baddbmm(self.F, dz, self.factor.transpose(1, 2), beta=alpha, alpha=alpha), value
+        value = row_dots(dz, dz).sum() + 2 * row_dots(delta, F).sum() if want_value else None
+        return torch.baddbmm(F, dz, self.factor.transpose(1, 2), beta=alpha, alpha=alpha), value
 
     def teacher_loss(self) -> torch.Tensor:
         """``L(A) = s·f₀``: the loss at the teacher's weight, without a product (float64, as :meth:`loss`)."""

@@ -258,7 +258,7 @@ class TorchGramEngine:
             return self._lowrank_step(lr, want_value)
         G, value = q.step_terms(self.effective() - q.anchor, self.two_s, want_value)
         self.opt.step(self.W, G, lr, self._mask())
-        return value
+        return value + q.f0.double() if want_value else None
 
     def _lowrank_step(self, lr: float, want_value: bool):
         """The step on the low-rank form a chunk of output rows at a time (a row's gradient
@@ -272,11 +272,10 @@ class TorchGramEngine:
         self.opt.t += 1
         for r0 in range(0, R, step):
             rows = slice(r0, r0 + step)
-            delta = self.effective(rows) - q.anchor[:, rows]
-            G = q.residual(delta, rows)
+            G, part = q.step_terms(self.effective(rows) - q.anchor[:, rows], self.two_s, want_value, rows)
             if want_value:
-                value = value + (delta * (G + q.F[:, rows])).sum().double()
-            self.opt.update(self.W, G.mul_(self.two_s), lr, mask, rows)
+                value = value + part
+            self.opt.update(self.W, G, lr, mask, rows)
         return value
 
     def after_step(self, i: int, lr: float) -> None:
