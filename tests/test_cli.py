@@ -315,4 +315,4 @@ def test_compress_a_bundled_name_uses_the_shipped_teacher(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "teacher: the shipped resnet20 (cdfast train resnet20 --epochs 3 --seed 0)" in out
     assert "accuracy: teacher" in out and (tmp_path / "run" / "model.safetensors").is_file()
-    assert "loss chosen per layer (--loss auto):" in out and "held-out nc loss over folds" in out
+    assert "loss chosen per layer (--loss auto):" in out and "held-out output error over folds" in out

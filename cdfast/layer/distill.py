@@ -19,8 +19,7 @@ from .forms import choose_form, exact_fits
 from .losses import LOSS_CHUNK_ELEMENTS, ActivationSpec, LossSpec, Quadratic
 from .constraints import NMSparsity, WeightPrune, normalize
 from .plan import ConstraintPlan
-from .selection import (AUTO_CANDIDATES, CROSSING_BELOW_M_OVER_D, FoldedStatistics, LossChoice, choose_loss,
-                        describe, rule_of_thumb)
+from .selection import FoldedStatistics, LossChoice, candidate, choose_loss, describe, rule_of_thumb
 from .solvers import SOLVERS, SolverConfig, data_iterative, exact_solve, gram_iterative, woodbury
 from .statistics import LayerStatistics
 
@@ -315,10 +314,11 @@ def distill_layer(teacher_layer: nn.Module,
                                        strict)
                     return _finalize(exact_solve(q, p, backend, strict)[0], p, q)[0]
 
-                best, choice = choose_loss(folded, anchor.to(stats.dtype), solve_final, work_dtype, damping)
+                best, choice = choose_loss(folded, anchor.to(stats.dtype), solve_final, work_dtype, damping,
+                                           quantized=plan.quant is not None)
             else:
-                choice = rule_of_thumb(stats)
-                best = AUTO_CANDIDATES[0] if choice.chosen == "nc" else AUTO_CANDIDATES[1]
+                choice = rule_of_thumb(stats.rows, stats.dim, plan.quant is not None)
+                best = candidate(choice.chosen)
             spec = LossSpec(best.name, best.mu, alpha, beta, objective, spec.activation)
         if stats.dtype == torch.float64 and work_dtype != torch.float64:  # promoted for extreme inputs
             work_dtype = torch.float64
@@ -360,10 +360,9 @@ def distill_layer(teacher_layer: nn.Module,
             lambda: float(quad.loss(torch.zeros_like(anchor))))
     else:
         if auto_loss:
-            rows = sum(geometry.rows(h_t) for h_t, _ in pairs)
-            ratio = rows / anchor.shape[-1]
-            best = AUTO_CANDIDATES[1] if ratio < CROSSING_BELOW_M_OVER_D else AUTO_CANDIDATES[0]
-            choice = LossChoice(describe(best), f"M/D = {ratio:.3g} {'<' if ratio < 2 else '>='} 2")
+            choice = rule_of_thumb(sum(geometry.rows(h_t) for h_t, _ in pairs), anchor.shape[-1],
+                                   plan.quant is not None)
+            best = candidate(choice.chosen)
             spec = LossSpec(best.name, best.mu, alpha, beta, objective, spec.activation)
         used: list[str] = []  # backends that ran the data_loss_grad op
         data = [(h_t.to(work_dtype), h_s.to(work_dtype)) for h_t, h_s in pairs]
