@@ -311,8 +311,9 @@ def test_compress_a_bundled_name_uses_the_shipped_teacher(tmp_path, monkeypatch,
     monkeypatch.setattr(train, "train_teacher", lambda *a, **k: pytest.fail("trained a teacher"))
     monkeypatch.setenv("CDFAST_CACHE", str(tmp_path / "empty-cache"))
     assert cli.main(["compress", "resnet20", "--k", "1", "--keep", "0.5", "--solver", "exact",
-                     "--out", str(tmp_path / "run")]) == 0
+                     "--refine-steps", "3", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "teacher: the shipped resnet20 (cdfast train resnet20 --epochs 3 --seed 0)" in out
     assert "accuracy: teacher" in out and (tmp_path / "run" / "model.safetensors").is_file()
     assert "loss chosen per layer (--loss auto):" in out and "held-out output error over folds" in out
+    assert "block-wise refinement (--refine-steps):" in out and "blocks.8: block error" in out

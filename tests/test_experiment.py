@@ -127,6 +127,7 @@ def test_parse_method_options():
                                                        ("bn",))
     assert parse_method("cross+shift+bndrift") == ("cross", {"augment": "shift"}, ("bndrift",))
     assert parse_method("auto+ridge1e-2") == ("auto", {"damping": 0.01}, ())
+    assert parse_method("auto+mix+blocks") == ("auto", {"augment": "mix", "refine_steps": 500}, ())
     for bad in ("ours", "thinet+flip", "auto+crop", "auto+flip+flip", "nc+bn+bndrift", "auto+ridge", "auto+ridge-1",
                 "auto+ridge1+ridge2"):
         with pytest.raises(ValueError, match="methods"):

@@ -20,7 +20,8 @@ afterwards, ``+bndrift`` corrects them by the student's drift from the teacher o
 those samples (:func:`recalibrate_batchnorm`), and ``+ridge1e-2`` solves with
 ``damping=1e-2``, a ridge pulling each layer towards the teacher's weights;
 ``+normsel`` selects channels on the error after each consumer's BatchNorm
-(``select_on="norm"``).
+(``select_on="norm"``), and ``+blocks`` refines every block after the layer-wise
+pass (``refine_steps=500``, :mod:`cdfast.model.refine`).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ METHODS = {
 
 
 #: What may follow a cross-distillation method after ``+`` (see the module docstring).
-OPTIONS = ("flip", "shift", "mix", "bias", "bn", "bndrift", "normsel", "alloc", "ridge<δ>")
+OPTIONS = ("flip", "shift", "mix", "bias", "bn", "bndrift", "normsel", "alloc", "blocks", "ridge<δ>")
 FITTED = ("nc", "cross", "soft", "auto")
 
 
@@ -85,6 +86,10 @@ def parse_method(method: str) -> tuple[str, dict, tuple[str, ...]]:
         kw["select_on"] = "norm"
     if "alloc" in opts:  # the uniform plan's parameter count, spent unevenly across the groups
         kw["target"] = "params"
+    if "blocks" in opts:
+        from ..model.refine import REFINE_STEPS
+
+        kw["refine_steps"] = REFINE_STEPS
     if ridges:
         kw["damping"] = _ridge(ridges[0])
     return base, kw, tuple(o for o in opts if o in ("bn", "bndrift"))
