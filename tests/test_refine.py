@@ -149,5 +149,7 @@ def test_bad_arguments_are_named(kw, error, match):
         refine_blocks(teacher, tiny_vgg(), x, progress=False, **kw)
     with pytest.raises(TypeError, match="student"):
         refine_blocks(teacher, "model", x)
+    with pytest.raises(ValueError, match="data"):
+        refine_blocks(teacher, tiny_vgg(), torch.full((4, 1, 8, 8), float("nan")), progress=False)
     with pytest.raises(ValueError, match="refine_steps"):
         cdfast.compress(teacher, x, refine_steps=-1, progress=False)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .._validation import check_bool, check_positive_int
+from .._validation import check_bool, check_positive_int, check_tensor
 from .augment import check_augment, views
 from .walk import calibration_batches
 
@@ -172,7 +172,8 @@ def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = 
         progress: a progress bar over the blocks.
 
     Returns:
-        One :class:`BlockReport` per block, in execution order.
+        One :class:`BlockReport` per block, in module order (each block is fit on the
+        student as refined so far).
     """
     if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
         bad = "teacher" if not isinstance(teacher, nn.Module) else "student"
@@ -187,6 +188,8 @@ def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = 
     batches = calibration_batches(data, batch_size)
     if not batches or sum(len(b) for b in batches) == 0:
         raise ValueError("data: expected at least one calibration sample, got none")
+    for b in batches:
+        check_tensor("data", b)
     if augment is not None:
         batches = list(views(torch.cat(batches), augment).split(batch_size))
     modules = dict(student.named_modules())
