@@ -60,6 +60,41 @@ def test_refinement_lowers_each_block_error_and_the_output_error():
             assert torch.equal(v, layerwise[k]), k
 
 
+def _stages():
+    """A VGG-like network of conv–BN–ReLU stages: pruning a stage's input channels
+    removes the previous stage's output channels, so block outputs shrink."""
+    torch.manual_seed(6)
+    stage = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+    m = nn.Sequential(stage(1, 8), stage(8, 12), stage(12, 12), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(12, 5))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_blocks_whose_outputs_lost_channels_are_fit_to_the_kept_teacher_channels():
+    teacher = _stages()
+    x = torch.randn(16, 1, 10, 10, generator=torch.Generator().manual_seed(7))
+    student, rep = cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), solver="exact",
+                                   progress=False, verbose=False, refine_steps=40)
+    assert student[1][0].out_channels == 6 and rep.kept_outputs["1.0"].numel() == 6
+    assert [b.name for b in rep.blocks] == ["1", "2", "5"] and all(not b.reason for b in rep.blocks)
+    assert any(b.kept for b in rep.blocks)
+    # the error refine_blocks reports for stage "1" is against the teacher's kept channels
+    plain, rep0 = cdfast.compress(teacher, x, compression=cdfast.ChannelPrune(0.5), solver="exact",
+                                  progress=False, verbose=False)
+    with torch.no_grad():
+        kept = rep0.kept_outputs["1.0"]
+        h_t, h_s = teacher[0](x), plain[0](x)
+        expected = float((plain[1](h_s) - teacher[1](h_t)[:, kept]).pow(2).mean())
+    assert abs(rep.blocks[0].loss_before - expected) <= 1e-5 * expected
+    # without kept_outputs the block cannot be compared, and says so
+    reports = refine_blocks(teacher, plain, x, steps=2, layers=["1.0"], progress=False)
+    assert "kept_outputs" in reports[0].reason
+
+
 def test_a_block_that_gains_nothing_keeps_its_layerwise_weights():
     teacher = _teacher()
     x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(2))

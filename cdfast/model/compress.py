@@ -772,7 +772,8 @@ def compress(teacher: nn.Module, data, *, compression=None, loss: str = "auto", 
 
         fitted = [l.name for l in report.layers if l.action in ("compressed", "refit")]
         report.blocks = refine_blocks(teacher, student, batches, steps=refine_steps, layers=fitted,
-                                      frozen=report.quantized, batch_size=batch_size, progress=progress)
+                                      frozen=report.quantized, kept_outputs=report.kept_outputs,
+                                      batch_size=batch_size, progress=progress)
         if verbose:
             for b in report.blocks:
                 tqdm.write(b.line())

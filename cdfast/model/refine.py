@@ -152,7 +152,7 @@ def _mse(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tenso
 
 def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = REFINE_STEPS,
                   lr: float = REFINE_LR, augment=None, layers: Iterable[str] | None = None,
-                  frozen: Iterable[str] = (), batch_size: int = 256,
+                  frozen: Iterable[str] = (), kept_outputs: dict | None = None, batch_size: int = 256,
                   progress: bool = True) -> list[BlockReport]:
     """Fit each block of ``student`` to the teacher's block (module docstring); in place.
 
@@ -168,6 +168,9 @@ def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = 
         layers: the Conv2d/Linear layers whose weights may change (default: every one
             except ``frozen`` and those that read the model's input).
         frozen: layers that keep their weights (``compress`` passes its quantized ones).
+        kept_outputs: layer → the teacher's output channels it kept
+            (``report.kept_outputs`` of :func:`cdfast.compress`): a block whose output
+            lost channels is compared with those channels of the teacher's block.
         batch_size: samples per forward.
         progress: a progress bar over the blocks.
 
@@ -211,7 +214,7 @@ def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = 
     blocks = find_blocks(student, layers)
     try:
         for name, inside in tqdm(blocks, desc="cdfast refine", disable=not progress, unit="block"):
-            reports.append(_refine_one(teacher, student, name, inside, batches, steps, lr))
+            reports.append(_refine_one(teacher, student, name, inside, batches, steps, lr, kept_outputs or {}))
     finally:
         teacher.train(teacher_mode), student.train(student_mode)
     return reports
@@ -224,8 +227,18 @@ def _reads_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> bool:
     return h.shape == x.shape and bool(torch.equal(h, x))
 
 
+def _kept_channels(inside: list[str], kept_outputs: dict, width: int) -> torch.Tensor | None:
+    """The teacher channels a block's output kept: those of its last layer that kept
+    ``width`` of them (a stage's conv, the last conv of a residual branch)."""
+    for n in reversed(inside):
+        idx = kept_outputs.get(n)
+        if idx is not None and len(idx) == width:
+            return torch.as_tensor(idx, dtype=torch.long)
+    return None
+
+
 def _refine_one(teacher: nn.Module, student: nn.Module, name: str, inside: list[str], batches, steps: int,
-                lr: float) -> BlockReport:
+                lr: float, kept_outputs: dict) -> BlockReport:
     t0 = time.perf_counter()
     report = BlockReport(name, list(inside))
     block_s = student.get_submodule(name) if name else student
@@ -242,6 +255,15 @@ def _refine_one(teacher: nn.Module, student: nn.Module, name: str, inside: list[
             return report
     h_t, y_t = _block_io(teacher, block_t, batches, output=True)
     h_s = _block_io(student, block_s, batches, output=False)
+    with torch.no_grad():
+        shape_s = block_s(h_s[0][:1]).shape
+    if shape_s[1:] != y_t[0].shape[1:]:  # the block's output lost channels: compare the kept ones
+        kept = _kept_channels(inside, kept_outputs, shape_s[1]) if len(shape_s) == y_t[0].dim() else None
+        if kept is None or shape_s[2:] != y_t[0].shape[2:]:
+            report.reason = (f"its output {tuple(shape_s[1:])} differs from the teacher's "
+                             f"{tuple(y_t[0].shape[1:])} and kept_outputs does not say which channels remain")
+            return report
+        y_t = [y.index_select(1, kept.to(y.device)) for y in y_t]
     total = sum(y.numel() for y in y_t)
 
     params = [p for n in inside for p in student.get_submodule(n).parameters(recurse=False)]
