@@ -10,8 +10,10 @@ on the features each actually sees, without labels:
 
 with ``h^T`` the teacher block's input on the teacher, ``h^S`` the student block's input
 on the student (refined up to it): the ``nc`` loss one level up. Blocks are fit in
-execution order, each by ``steps`` full-batch Adam steps on the calibration samples
+module order, each by ``steps`` full-batch Adam steps on the calibration samples
 (label-free views from ``augment`` add rows, as in :mod:`cdfast.model.augment`).
+Where a block's output lost channels (a VGG stage whose successor was pruned), the
+teacher's output is restricted to the kept channels (``kept_outputs``).
 BatchNorms stay in eval mode and are not trained; exact zeros of a weight (weight
 pruning, N:M) stay zero; quantized layers are frozen (their weights stay on the
 grid). A block whose loss does not fall keeps its layer-wise weights.
@@ -22,9 +24,9 @@ blocks, a VGG's conv–BN–ReLU stages), and the layers outside any such contai
 alone. A block must be called once per forward, with one tensor in and one out;
 the others are left as the layer-wise pass made them, with the reason in the report.
 
-On ResNet-20 with half the block-internal channels removed from 10 images, 500
-steps at ``lr = 3e-4`` on flip+shift+mix views took ``loss="auto"`` from 90.02 to
-91.48 % (three draws, ``docs/RESULTS.md``).
+On ResNet-20 with half the block-internal channels removed, from 10 images, 500
+steps at ``lr = 3e-4`` with ``augment="flip+shift+mix"`` took ``loss="auto"`` from 90.00
+to 91.68 % (three draws; the teacher: 92.47 %; ``docs/RESULTS.md``).
 """
 from __future__ import annotations
 
