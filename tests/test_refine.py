@@ -9,15 +9,19 @@ from cdfast.model.refine import find_blocks, refine_blocks
 from test_compress import tiny_vgg
 
 
-def _teacher():
-    torch.manual_seed(0)
-    teacher = resnet(8, width=8).eval()
-    for m in teacher.modules():  # BatchNorms that are not the identity
+def _with_batchnorms_set(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with BatchNorms that are not the identity."""
+    for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
-    return teacher
+    return model.eval()
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return _with_batchnorms_set(resnet(8, width=8))
 
 
 def _output_error(teacher, student, x):
@@ -65,13 +69,8 @@ def _stages():
     removes the previous stage's output channels, so block outputs shrink."""
     torch.manual_seed(6)
     stage = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
-    m = nn.Sequential(stage(1, 8), stage(8, 12), stage(12, 12), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                      nn.Linear(12, 5))
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m.eval()
+    return _with_batchnorms_set(nn.Sequential(stage(1, 8), stage(8, 12), stage(12, 12), nn.AdaptiveAvgPool2d(1),
+                                              nn.Flatten(), nn.Linear(12, 5)))
 
 
 def test_blocks_whose_outputs_lost_channels_are_fit_to_the_kept_teacher_channels():
