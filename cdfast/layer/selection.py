@@ -28,10 +28,11 @@ and ``cross`` in all 16 cells of the grid in ``docs/RESULTS.md`` (three draws ea
 
 In the Gram form a fold's statistics are just a sum over its samples, so the split
 costs no extra pass over the data, only ``F`` times the memory of one set of Grams
-and ``F × candidates`` solves (scored by the output: as many forwards of one fold) (``F = 5``: on synthetic layers with 24–400 rows, the
-choice's held-out error was within 3.8 % of the better of ``nc`` and ``cross`` in 12 of
-12 cases, against 25 % in one case with 3 folds). With fewer than two samples, or an iterative solver
-(whose solves are too slow to repeat), the layer falls back to the prior.
+and ``F × candidates`` solves (scored by the output, as many forwards of one fold;
+``F = 5``: on synthetic layers with 24–400 rows, the choice's held-out error was within
+3.8 % of the better of ``nc`` and ``cross`` in 12 of 12 cases, against 25 % in one case
+with 3 folds). With fewer than two samples, or an iterative solver (whose solves are
+too slow to repeat), the layer falls back to the prior.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class LossChoice:
     """What ``loss="auto"`` chose for a layer, and why."""
 
     chosen: str
-    rule: str                                    # "held-out" or "M/D"
+    rule: str                                    # "held-out", "M/D …" or "quantized"
     scores: dict = field(default_factory=dict)   # candidate → summed held-out score
     why: str = ""                                # what decided between the prior and the folds
     criterion: str = "nc loss"                   # what the folds scored: "nc loss" or "output error"
@@ -158,9 +159,9 @@ def rule_of_thumb(rows: int, cols: int, quantized: bool = False) -> LossChoice:
     starts from ``nc``; the held-out folds may still move either away from its prior.
     """
     if quantized:
-        return LossChoice("nc", "quantized")
+        return LossChoice(describe(AUTO_CANDIDATES[0]), "quantized")
     ratio = rows / cols
-    chosen = "cross(mu=0.9)" if ratio < CROSSING_BELOW_M_OVER_D else "nc"
+    chosen = describe(AUTO_CANDIDATES[1] if ratio < CROSSING_BELOW_M_OVER_D else AUTO_CANDIDATES[0])
     return LossChoice(chosen, f"M/D = {ratio:.3g} {'<' if ratio < CROSSING_BELOW_M_OVER_D else '>='} 2")
 
 
@@ -199,8 +200,7 @@ def choose_loss(folded: FoldedStatistics, anchor: torch.Tensor, solve, dtype: to
                                                  damping=damping)
                 losses.append(float(test.loss(W)) * folded.parts[f].rows)  # weight folds by their rows
         per_fold[describe(spec)] = losses
-    total = folded.total()
-    prior = rule_of_thumb(total.rows, total.dim, quantized)
+    prior = rule_of_thumb(sum(p.rows for p in folded.parts), folded.parts[0].dim, quantized)
     name, why = prefer_prior(per_fold, prior)
     criterion = "output error" if folded.score is not None else "nc loss"
     return candidate(name), LossChoice(name, "held-out", {k: sum(v) for k, v in per_fold.items()}, why, criterion)

@@ -198,11 +198,12 @@ def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = 
     if augment is not None:
         batches = list(views(torch.cat(batches), augment).split(batch_size))
     modules = dict(student.named_modules())
-    if layers is None:
+    if layers is None:  # what compress fits by default: every layer but those that read the input
+        from .graph import ModelGraph
         from .walk import execution_order
 
         order, _ = execution_order(student, batches[0][:1])
-        first = {n for n in order if _reads_input(student, modules[n], batches[0][:1])}
+        first = ModelGraph(student, batches[0][:1]).first_layers
         layers = [n for n in order if n not in first]
     layers = [n for n in layers if n not in frozen]
     for n in layers:
@@ -220,13 +221,6 @@ def refine_blocks(teacher: nn.Module, student: nn.Module, data, *, steps: int = 
     finally:
         teacher.train(teacher_mode), student.train(student_mode)
     return reports
-
-
-def _reads_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> bool:
-    from .walk import capture_input
-
-    h = capture_input(lambda: model(x), layer)
-    return h.shape == x.shape and bool(torch.equal(h, x))
 
 
 def _kept_channels(inside: list[str], kept_outputs: dict, width: int) -> torch.Tensor | None:
